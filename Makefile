@@ -1,0 +1,36 @@
+# One-command set-up: every target creates/uses the virtual environment and installs
+# what it needs. TORCH_SPEC is installed first so that pip does not pull a multi-GB CUDA
+# build on CPU machines; on GPU clusters set it to your site's CUDA build of torch.
+VENV ?= .venv
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+PIPELINE := $(VENV)/bin/pipeline
+
+.PHONY: install test demo bench lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: install
+	$(PIPELINE) demo-data data/demo/raw --size small
+	$(PIPELINE) preprocess configs/demo.yaml
+	$(PIPELINE) inspect data/demo/demo.zarr
+
+bench: install
+	$(PY) bench/preprocess.py --out bench/results/preprocess.json
+
+lint: install
+	$(VENV)/bin/ruff check pipeline tests bench
+
+clean:
+	rm -rf data/demo runs .pytest_cache

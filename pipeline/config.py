@@ -1,0 +1,377 @@
+"""The run configuration: one typed, validated tree loaded from YAML.
+
+Every section is a pydantic v2 model with ``extra="forbid"``, so a misspelt key is an
+error that names the key path and the allowed keys. ``load_config`` applies
+``--set a.b=c`` overrides before validation, and ``config_hash`` identifies a resolved
+config in every artifact (store attributes, checkpoints, evaluation results).
+
+This module is imported on login nodes: it must not import torch, ray or dask.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import ConfigError
+
+FORCINGS = ("cos_zenith", "toa_insolation", "sin_time_of_day", "cos_time_of_day",
+            "sin_year", "cos_year")
+DERIVED_FUNCTIONS = ("wind_speed", "difference", "sum")
+
+TimeRange = tuple[str, str]
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, defaults are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class TimeCoding(Section):
+    """How to decode a source's time axis when its files carry no CF time units.
+
+    Example: the storm files have ``timestep`` (integer hours) plus a separate
+    reference time; ``dim: timestep, units: "hours since 1996-01-05 00:00"``.
+    """
+
+    dim: str = Field("time", description="Name of the time dimension in the files.")
+    units: str = Field(description="CF units for the integer steps, e.g. 'hours since 2000-01-01'.")
+    calendar: str = Field("standard", description="CF calendar of the reference time.")
+
+
+class Source(Section):
+    """One input: NetCDF/HDF5 files by glob, or a Zarr store. Its variables are merged
+    with those of the other sources on the same grid and time axis."""
+
+    path: str = Field(description="Glob of NetCDF/HDF5 files, or the path of a Zarr store.")
+    engine: Literal["netcdf4", "h5netcdf", "zarr"] | None = Field(
+        None, description="xarray engine; inferred from the file suffix when omitted.")
+    rename: dict[str, str] = Field(default_factory=dict,
+                                   description="Rename variables or dimensions: {old: new}.")
+    static: bool = Field(False, description="Time-invariant fields (orography, land-sea mask).")
+    time: TimeCoding | None = Field(None, description="Decode integer time steps (see TimeCoding).")
+
+
+class Variable(Section):
+    """A variable to store; with ``levels`` each level is one channel (``t`` at 850 -> ``t850``)."""
+
+    name: str
+    levels: list[float] | None = None
+
+
+class Derived(Section):
+    """A channel computed from stored channels with a named function."""
+
+    name: str
+    function: Literal["wind_speed", "difference", "sum"]
+    inputs: list[str] = Field(min_length=1)
+
+
+class NanPolicy(Section):
+    """What to do with NaNs in the inputs."""
+
+    policy: Literal["reject", "fill"] = Field(
+        "reject", description="reject: error naming variable and time; fill: fill and store a mask.")
+    fill_value: float = Field(0.0, description="Value written where the input is NaN (fill).")
+    channels: list[str] | None = Field(
+        None, description="Channels that may hold NaNs under 'fill' (default: all); each gets "
+                          "a '<channel>_mask' channel (1 where the input was missing).")
+
+
+class Codec(Section):
+    """Compression of the stored data."""
+
+    name: Literal["zstd", "blosc", "none"] = "zstd"
+    level: int = Field(3, ge=0, le=22)
+
+
+class Splits(Section):
+    """Inclusive ``[start, end]`` time ranges (ISO strings)."""
+
+    train: TimeRange
+    val: TimeRange
+    test: TimeRange
+
+
+class Statistics(Section):
+    """Normalisation statistics (over the train split, area weighted)."""
+
+    recompute_on_append: bool = Field(
+        False, description="Recompute statistics when appending (default: keep them frozen).")
+
+
+class Data(Section):
+    """Sources, selection, transforms and the store layout."""
+
+    sources: list[Source] = Field(min_length=1)
+    variables: list[Variable | str] = Field(min_length=1)
+    static: list[str] = Field(default_factory=list, description="Static fields to store.")
+    level_dim: str = Field("level", description="Name of the vertical dimension in the sources.")
+    start: str | None = Field(None, description="First time to store (default: first in sources).")
+    end: str | None = Field(None, description="Last time to store (default: last in sources).")
+    frequency: str = Field("6h", description="Time step as a pandas offset: 6h, 1D, MS (monthly).")
+    splits: Splits
+    coarsen: int = Field(1, ge=1, description="Integer coarsening factor in lat and lon (area weighted).")
+    derived: list[Derived] = Field(default_factory=list)
+    forcings: list[Literal[FORCINGS]] = Field(default_factory=list)  # type: ignore[valid-type]
+    nan: NanPolicy = Field(default_factory=NanPolicy)
+    store: str = Field(description="Path of the Zarr v3 training store.")
+    shard_size: int = Field(32, ge=1, description="Time steps per shard (the unit of writing).")
+    codec: Codec = Field(default_factory=Codec)
+    statistics: Statistics = Field(default_factory=Statistics)
+
+    def variable_specs(self) -> list[Variable]:
+        """The variables as :class:`Variable` objects (strings are normalised on load)."""
+        return [v if isinstance(v, Variable) else Variable(name=v) for v in self.variables]
+
+    def prognostic_channels(self) -> list[str]:
+        """Channel names of the selected variables, in config order (levels expanded)."""
+        names: list[str] = []
+        for var in self.variable_specs():
+            if var.levels is None:
+                names.append(var.name)
+            else:
+                names.extend(level_channel(var.name, lev) for lev in var.levels)
+        return names
+
+    @model_validator(mode="after")
+    def _check_channels(self) -> Data:
+        base = self.prognostic_channels()
+        seen = set(base)
+        if len(seen) != len(base):
+            raise ValueError(f"data.variables gives duplicate channels: {base}")
+        for d in self.derived:
+            missing = [i for i in d.inputs if i not in seen]
+            if missing:
+                raise ValueError(f"data.derived '{d.name}' uses unknown channels {missing}; "
+                                 f"known: {sorted(seen)}")
+            if d.name in seen:
+                raise ValueError(f"data.derived name '{d.name}' repeats a channel name")
+            seen.add(d.name)
+        if self.nan.channels is not None:
+            unknown = sorted(set(self.nan.channels) - seen)
+            if unknown:
+                raise ValueError(f"data.nan.channels names unknown channels {unknown}")
+        return self
+
+
+def level_channel(name: str, level: float) -> str:
+    """Channel name of a variable on a level: ``t`` at 850.0 -> ``t850``."""
+    return f"{name}{int(level) if float(level).is_integer() else level}"
+
+
+class Model(Section):
+    """Architecture and sizes."""
+
+    arch: Literal["unet", "fno"] = "unet"
+    width: int = Field(32, ge=1, description="Channels of the first layer (unet) or lifting width (fno).")
+    depth: int = Field(2, ge=1, description="Down/up levels (unet) or Fourier layers (fno).")
+    modes: int = Field(8, ge=1, description="Fourier modes per dimension (fno).")
+    predict_tendency: bool = Field(True, description="Predict the normalised change, not the state.")
+
+
+class Train(Section):
+    """Training loop, Ray scaling and checkpointing."""
+
+    history: int = Field(1, ge=1, description="Input time steps.")
+    lead: int = Field(1, ge=1, description="Steps ahead of the last input step.")
+    rollout: int = Field(1, ge=1, description="Autoregressive steps in the loss.")
+    batch_size: int = Field(8, ge=1, description="Samples per worker per step.")
+    max_steps: int = Field(200, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    workers: int = Field(2, ge=1, description="Ray Train workers.")
+    use_gpu: bool = False
+    cpus_per_worker: int = Field(1, ge=1)
+    val_every: int = Field(50, ge=1, description="Validate (and checkpoint) every N steps.")
+    checkpoint_every: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
+    max_failures: int = Field(2, ge=0)
+    early_stopping_patience: int | None = Field(None, ge=1)
+    seed: int = 0
+    loader_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    prefetch_factor: int = Field(2, ge=1)
+    shuffle_block: int = Field(8, ge=1, description="Time steps per shuffle block.")
+
+
+class Evaluate(Section):
+    """Evaluation on a held-out split."""
+
+    split: Literal["val", "test"] = "test"
+    leads: list[int] = Field(default_factory=lambda: [1, 2, 4], min_length=1)
+    channels_to_plot: list[str] = Field(default_factory=list)
+    max_samples: int | None = Field(None, ge=1)
+
+
+class Registry(Section):
+    """Model registry and promotion rule."""
+
+    path: str = Field("registry", description="Registry directory.")
+    metric: str = Field("rmse", description="Metric used to compare challenger and champion.")
+    lead: int = Field(1, ge=1)
+    min_improvement: float = Field(0.0, ge=0, description="Relative improvement needed to promote.")
+
+
+class Slurm(Section):
+    """Cluster resources and site set-up for the sbatch templates."""
+
+    partition: str | None = None
+    account: str | None = None
+    nodes: int = Field(1, ge=1)
+    gpus_per_node: int = Field(0, ge=0)
+    cpus_per_task: int = Field(2, ge=1)
+    time: str = "01:00:00"
+    mem: str | None = None
+    modules: list[str] = Field(default_factory=list)
+    setup: list[str] = Field(default_factory=list, description="Shell lines run before the job.")
+    extra_directives: list[str] = Field(default_factory=list)
+    preprocess_parts: int = Field(2, ge=1)
+    retrain_every: str = Field("7d", description="Period of scheduled retraining.")
+
+
+class Config(Section):
+    """The whole run configuration."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    runs_dir: str = "runs"
+    data: Data
+    model: Model = Field(default_factory=Model)
+    train: Train = Field(default_factory=Train)
+    evaluate: Evaluate = Field(default_factory=Evaluate)
+    registry: Registry = Field(default_factory=Registry)
+    slurm: Slurm = Field(default_factory=Slurm)
+
+    def run_dir(self) -> Path:
+        """Where this run's checkpoints, metrics and evaluation go."""
+        return Path(self.runs_dir) / self.name
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into a key path and a YAML-parsed value."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{item}' is not key.path=value",
+                          "write e.g. --set train.max_steps=100")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return ``tree`` with each ``key.path=value`` set (intermediate dicts are created)."""
+    for item in overrides:
+        path, value = parse_override(item)
+        node = tree
+        for key in path[:-1]:
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{item}': '{key}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return tree
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The keys allowed at ``loc`` (the parent of an unknown key), for the error message."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fields = getattr(current, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        annotation = fields[part].annotation
+        current = _first_model(annotation)
+        if current is None:
+            return []
+    return sorted(getattr(current, "model_fields", {}))
+
+
+def _first_model(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation such as ``list[Source] | None``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _first_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _format_validation_error(err: ValidationError, origin: str) -> ConfigError:
+    """Turn pydantic's report into one line naming the key path and what is allowed."""
+    first = err.errors()[0]
+    loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p in ("Variable", "str")))
+    path = ".".join(str(p) for p in loc) or "<root>"
+    if first["type"] == "extra_forbidden":
+        allowed = _allowed_keys(Config, loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        return ConfigError(f"{origin}: unknown config key '{path}'",
+                           f"{hint}allowed keys there: {', '.join(allowed)}")
+    if first["type"] == "missing":
+        return ConfigError(f"{origin}: missing config key '{path}'", "add it to the config")
+    msg = first["msg"]
+    if first["type"] == "value_error":
+        msg = msg.removeprefix("Value error, ")
+    given = first.get("input")
+    shown = "" if isinstance(given, dict) else f" (got {given!r})"
+    return ConfigError(f"{origin}: invalid value for '{path}': {msg}{shown}",
+                       "fix the config or the --set override")
+
+
+def config_from_dict(tree: dict[str, Any], origin: str = "config") -> Config:
+    """Validate a plain dict as a :class:`Config`, raising :class:`ConfigError`."""
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise _format_validation_error(err, origin) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config, apply ``--set`` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}", "pass the path of a YAML config")
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        line = getattr(getattr(err, "problem_mark", None), "line", None)
+        where = f" at line {line + 1}" if line is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}", "check indentation and quoting") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the config must be a YAML mapping", "start with 'name: ...'")
+    return config_from_dict(apply_overrides(tree, overrides or []), origin=str(path))
+
+
+def resolved_dict(cfg: BaseModel) -> dict[str, Any]:
+    """The config with all defaults filled in, as plain JSON-compatible data."""
+    return cfg.model_dump(mode="json")
+
+
+def config_hash(cfg: BaseModel) -> str:
+    """A short, stable hash of the resolved config (or of one section of it)."""
+    canonical = json.dumps(resolved_dict(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def dump_config(cfg: Config, path: Path) -> None:
+    """Write the resolved config as YAML (what a run directory keeps)."""
+    path.write_text(yaml.safe_dump(resolved_dict(cfg), sort_keys=False))

@@ -1,0 +1,209 @@
+"""The training store on disk: a Zarr v3 group (see DESIGN.md, "The training store").
+
+Layout::
+
+    data        float32 (time, channel, lat, lon), chunk (1, C, Y, X), shard (shard_size, C, Y, X)
+    time, channel, channel_role, lat, lon, area_weight     coordinates
+    static      float32 (static_channel, lat, lon)
+    mean, std, min, max, diff_mean, diff_std               float64 (channel,), after finalise
+    static_mean, static_std                                float64 (static_channel,)
+    _build/done   bool (shard,)                  one chunk per shard: written by its writer only
+    _build/stats  float64 (shard, field, channel) partial statistics, one chunk per shard
+
+Build progress lives in ``_build`` arrays rather than in the group attributes so that
+concurrent parts (Slurm array tasks) never rewrite the same file; the group attributes
+hold provenance and a summary written by init and finalise only.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+import zarr
+import zarr.codecs
+
+from pipeline.errors import StoreError
+
+FORMAT_VERSION = 1
+STAT_NAMES = ("mean", "std", "min", "max", "diff_mean", "diff_std")
+
+
+def now() -> str:
+    """UTC timestamp for attributes."""
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def compressors(name: str, level: int) -> tuple[Any, ...]:
+    """Zarr v3 compressor codecs for the configured codec."""
+    if name == "zstd":
+        return (zarr.codecs.ZstdCodec(level=level),)
+    if name == "blosc":
+        return (zarr.codecs.BloscCodec(cname="zstd", clevel=min(level, 9), shuffle="shuffle"),)
+    return ()
+
+
+def is_pipeline_store(path: Path) -> bool:
+    """True if ``path`` is a Zarr group written by this package."""
+    try:
+        group = zarr.open_group(str(path), mode="r")
+    except Exception:  # noqa: BLE001 - anything unreadable is "not ours"
+        return False
+    return "format_version" in group.attrs and "data_hash" in group.attrs
+
+
+def create(path: Path, template: xr.Dataset, shard_size: int, codec: tuple[Any, ...],
+           attrs: dict[str, Any]) -> None:
+    """Write the store's metadata, coordinates and static fields (no data values).
+
+    ``template`` holds a lazy (dask) ``data`` variable, the in-memory ``static`` fields
+    and all coordinates; ``data`` is not computed, only its metadata is written. The
+    caller makes this atomic by writing to a temporary path and renaming.
+    """
+    _, n_channels, n_lat, n_lon = template["data"].shape
+    n_static = template.sizes["static_channel"]
+    encoding = {
+        "data": {"chunks": (1, n_channels, n_lat, n_lon),
+                 "shards": (shard_size, n_channels, n_lat, n_lon),
+                 "compressors": codec, "fill_value": np.nan},
+        "static": {"chunks": (max(n_static, 1), n_lat, n_lon), "compressors": codec},
+        "time": {"dtype": "int64"},
+    }
+    template.assign_attrs(attrs).to_zarr(str(path), mode="w-", zarr_format=3, compute=False,
+                                         consolidated=False, encoding=encoding)
+    from pipeline.data.statistics import N_FIELDS, empty
+
+    group = zarr.open_group(str(path), mode="r+")
+    n_shards = -(-template.sizes["time"] // shard_size)
+    build = group.create_group("_build")
+    build.create_array("done", shape=(n_shards,), chunks=(1,), dtype="bool", fill_value=False,
+                       dimension_names=["shard"])
+    stats = build.create_array("stats", shape=(n_shards, N_FIELDS, n_channels),
+                               chunks=(1, N_FIELDS, n_channels), dtype="float64",
+                               dimension_names=["shard", "field", "channel"], fill_value=0.0)
+    stats[:] = np.broadcast_to(empty(n_channels), stats.shape)
+
+
+def open_group(path: str | Path, mode: str = "r") -> zarr.Group:
+    """Open a pipeline store's group, with a clear error if it is not one."""
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(f"training store not found: {path}",
+                         "run `pipeline preprocess CONFIG` first, or fix data.store")
+    if not is_pipeline_store(path):
+        raise StoreError(f"{path} is not a training store written by pipeline",
+                         "point data.store at a store built by `pipeline preprocess`")
+    return zarr.open_group(str(path), mode=mode)  # type: ignore[arg-type]
+
+
+def open_complete(path: str | Path) -> zarr.Group:
+    """Open a store for reading; refuse one whose build has not been finalised."""
+    group = open_group(path)
+    if not group.attrs.get("complete", False):
+        done = done_flags(group)
+        raise StoreError(f"training store {path} is incomplete ({int(done.sum())} of {done.size} "
+                         "shards written, not finalised)",
+                         "finish it with `pipeline preprocess CONFIG` (it resumes where it stopped)")
+    return group
+
+
+def open_dataset(path: str | Path) -> xr.Dataset:
+    """The complete store as an xarray Dataset (lazy, dask-backed)."""
+    open_complete(path)
+    return xr.open_zarr(str(path), consolidated=True)
+
+
+def done_flags(group: zarr.Group) -> np.ndarray:
+    """Which shards have been written (and their statistics recorded)."""
+    return np.asarray(group["_build/done"][:], dtype=bool)
+
+
+def write_shard(path: str | Path, shard: int, t0: int, block: np.ndarray, partial: np.ndarray) -> None:
+    """Write one whole shard, then its statistics, then its done flag (in that order,
+    so a flag is only ever set over complete data)."""
+    group = zarr.open_group(str(path), mode="r+")
+    group["data"][t0:t0 + block.shape[0]] = block
+    group["_build/stats"][shard] = partial
+    group["_build/done"][shard] = True
+
+
+def write_statistics(group: zarr.Group, stats: dict[str, np.ndarray],
+                     static_stats: dict[str, np.ndarray]) -> None:
+    """Store the final per-channel statistics as float64 arrays."""
+    for name, values in stats.items():
+        group.create_array(name, data=np.asarray(values, np.float64), dimension_names=["channel"],
+                           overwrite=True)
+    for name, values in static_stats.items():
+        group.create_array(f"static_{name}", data=np.asarray(values, np.float64),
+                           dimension_names=["static_channel"], overwrite=True)
+
+
+def consolidate(path: str | Path) -> None:
+    """Consolidate metadata so that plain ``xarray.open_zarr`` opens the store quickly."""
+    with warnings.catch_warnings():
+        # Consolidated metadata is not yet in the Zarr v3 spec; zarr-python and xarray
+        # both read it, and it saves one request per array on remote file systems.
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+        zarr.consolidate_metadata(str(path))
+
+
+def update_attrs(path: str | Path, **values: Any) -> None:
+    """Update group attributes (init, finalise and append only: never from parts)."""
+    group = zarr.open_group(str(path), mode="r+")
+    group.attrs.update(values)
+
+
+def statistics(group: zarr.Group) -> dict[str, np.ndarray]:
+    """The stored statistics by name (float64 arrays over channels)."""
+    return {name: np.asarray(group[name][:], dtype=np.float64) for name in STAT_NAMES}
+
+
+def channel_names(group: zarr.Group) -> list[str]:
+    return [str(c) for c in group["channel"][:]]
+
+
+def summary(path: str | Path) -> str:
+    """A human-readable description of a store (``pipeline inspect``)."""
+    group = open_group(path)
+    attrs = group.attrs.asdict()
+    ds = xr.open_zarr(str(path), consolidated=None) if attrs.get("complete") else None
+    data = group["data"]
+    done = done_flags(group)
+    channels = channel_names(group)
+    roles = [str(r) for r in group["channel_role"][:]]
+    lines = [
+        f"store      {os.path.abspath(path)}",
+        f"status     {'complete' if attrs.get('complete') else 'INCOMPLETE'}: "
+        f"{int(done.sum())}/{done.size} shards written; dataset version "
+        f"{attrs.get('dataset_version')}, format {attrs.get('format_version')}",
+        f"shape      data {tuple(data.shape)} float32; chunk {tuple(data.chunks)}; "
+        f"shard {tuple(data.shards or data.chunks)}",
+        f"time       {attrs.get('time_start')} .. {attrs.get('time_end')} "
+        f"every {attrs.get('frequency')} ({data.shape[0]} steps)",
+        f"grid       {data.shape[2]} lat x {data.shape[3]} lon "
+        f"({attrs.get('grid', {}).get('lat_range')}, {attrs.get('grid', {}).get('lon_range')})",
+    ]
+    for split, (start, end) in attrs.get("splits", {}).items():
+        lines.append(f"split      {split:<5} {start} .. {end}")
+    lines.append(f"statistics over {attrs.get('statistics_period')} "
+                 f"(frozen since version {attrs.get('statistics_version')})")
+    header = f"  {'channel':<14}{'role':<11}{'mean':>12}{'std':>12}{'min':>12}{'max':>12}"
+    lines.append(header)
+    stats = statistics(group) if ds is not None else None
+    for i, (name, role) in enumerate(zip(channels, roles, strict=True)):
+        if stats is None:
+            lines.append(f"  {name:<14}{role:<11}")
+            continue
+        values = "".join(f"{stats[k][i]:>12.5g}" for k in ("mean", "std", "min", "max"))
+        lines.append(f"  {name:<14}{role:<11}{values}")
+    static = [str(c) for c in group["static_channel"][:]]
+    lines.append(f"static     {', '.join(static) or 'none'}")
+    lines.append(f"sources    {len(attrs.get('sources', []))} files; config hash "
+                 f"{attrs.get('config_hash')}; created {attrs.get('created')}, updated "
+                 f"{attrs.get('updated')}; code {attrs.get('code_version')}")
+    return "\n".join(lines)

@@ -1,0 +1,481 @@
+"""Synthetic ERA5-like demo data: a small, deterministic, learnable climate simulation.
+
+Why: demos, tests and benchmarks need realistic raw NetCDF files (levels, CF attributes,
+monthly files, calendars) whose next state really follows from the current one.
+
+The model (vectorised numpy, float64 state, one step per output step of <= 3 h substeps):
+- temperature on the pressure levels and the surface temperature (``t2m``) are advected
+  semi-Lagrangian by the level winds (periodic in longitude), lightly diffused and relaxed
+  toward a radiative equilibrium that follows insolation (season and time of day; land
+  reacts faster than sea, mountains are colder) and is coupled between surface and air;
+- ``msl`` = climatological pressure belts + travelling Rossby-wave packets + a thermal low
+  over warm ground; ``z`` is the hydrostatic integral of ``t`` up from (msl, t2m);
+  ``u``, ``v`` are geostrophic from ``z`` (1/f regularised at the equator, winds tapered
+  to zero at the poles), so the jet stream comes from the thermal wind.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cftime
+import numpy as np
+import xarray as xr
+
+log = logging.getLogger(__name__)
+
+SIZES = ("tiny", "small", "large")
+TIME_UNITS = "hours since 1970-01-01 00:00:00"
+ERA5_LEVELS = (1000.0, 925.0, 850.0, 700.0, 600.0, 500.0, 400.0, 300.0, 250.0, 200.0,
+               150.0, 100.0, 50.0)
+_SIZE_ARGS: dict[str, dict] = {
+    "tiny": {"n_lat": 17, "n_lon": 32, "levels": (850.0, 500.0), "months": 3},
+    "small": {"n_lat": 33, "n_lon": 64, "levels": (850.0, 500.0, 250.0), "months": 6},
+    "large": {"n_lat": 121, "n_lon": 240, "levels": ERA5_LEVELS, "months": 6},
+}
+_A = 6.371e6            # Earth radius (m)
+_OMEGA = 7.292e-5       # rotation rate (1/s)
+_RD = 287.05            # gas constant of dry air (J/kg/K)
+_LAPSE = 0.0065         # standard lapse rate (K/m)
+_KAPPA = _RD * _LAPSE / 9.80665   # T ~ p**_KAPPA for the standard lapse rate
+_OBLIQUITY = math.radians(23.44)
+_YEAR_DAYS = {"360_day": 360.0, "noleap": 365.0, "365_day": 365.0, "all_leap": 366.0,
+              "366_day": 366.0, "julian": 365.25}
+_STANDARD = ("standard", "gregorian", "proleptic_gregorian")
+_SPINUP_DAYS = 30
+_MAX_SUBSTEP_HOURS = 3.0
+_ATTRS = {
+    "t2m": ("K", "air_temperature", "2 metre temperature"),
+    "msl": ("Pa", "air_pressure_at_mean_sea_level", "Mean sea level pressure"),
+    "t": ("K", "air_temperature", "Temperature"),
+    "z": ("m2 s-2", "geopotential", "Geopotential"),
+    "u": ("m s-1", "eastward_wind", "U component of wind"),
+    "v": ("m s-1", "northward_wind", "V component of wind"),
+    "orog": ("m", "surface_altitude", "Orography"),
+    "lsm": ("1", "land_binary_mask", "Land-sea mask"),
+}
+
+
+@dataclass(frozen=True)
+class DemoSpec:
+    """What to simulate: grid (poles included), pressure levels (descending), time span."""
+
+    n_lat: int
+    n_lon: int
+    levels: tuple[float, ...]
+    start: str = "2000-01-01"
+    months: int = 3
+    step_hours: int = 6
+    calendar: str = "standard"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "levels", tuple(float(p) for p in self.levels))
+        if self.n_lat < 3 or self.n_lon < 4:
+            raise ValueError(f"grid {self.n_lat}x{self.n_lon} too small (need n_lat>=3, n_lon>=4)")
+        lv = self.levels
+        if not lv or lv[-1] <= 0 or any(a <= b for a, b in zip(lv, lv[1:])):
+            raise ValueError(f"levels {lv} must be positive hPa, strictly descending like ERA5")
+        if self.months < 1 or self.step_hours < 1:
+            raise ValueError("months and step_hours must be >= 1")
+        _start_date(self)  # validates start and calendar
+
+
+def demo_spec(size: str, **overrides) -> DemoSpec:
+    """The spec of a named demo size (tiny, small, large), with fields overridden."""
+    if size not in _SIZE_ARGS:
+        raise ValueError(f"unknown demo size {size!r} (allowed: {', '.join(SIZES)})")
+    return DemoSpec(**{**_SIZE_ARGS[size], **overrides})
+
+
+# ----------------------------------------------------------------------------- time axis
+def _start_date(spec: DemoSpec) -> cftime.datetime:
+    """Parse ``start`` (YYYY-MM-DD[THH[:00[:00]]]) as a date in the spec's calendar."""
+    m = re.fullmatch(r"(\d{4})-(\d{2})-(\d{2})(?:[T ](\d{2})(?::00(?::00)?)?)?", spec.start.strip())
+    if not m:
+        raise ValueError(f"start {spec.start!r} is not YYYY-MM-DD or YYYY-MM-DDTHH:00")
+    y, mo, d, h = (int(g) if g else 0 for g in m.groups())
+    return cftime.datetime(y, mo, d, h, calendar=spec.calendar)  # ValueError if invalid
+
+
+def _month_times(spec: DemoSpec) -> list[tuple[int, int, np.ndarray]]:
+    """(year, month, hours since 1970) per calendar month; one global step grid from start."""
+    first = _start_date(spec)
+    edges, (y, mo) = [], (first.year, first.month)
+    for _ in range(spec.months):
+        y, mo = (y + 1, 1) if mo == 12 else (y, mo + 1)
+        edges.append(cftime.date2num(cftime.datetime(y, mo, 1, calendar=spec.calendar),
+                                     TIME_UNITS, calendar=spec.calendar))
+    h0 = float(cftime.date2num(first, TIME_UNITS, calendar=spec.calendar))
+    hours = h0 + spec.step_hours * np.arange(int(np.ceil((edges[-1] - h0) / spec.step_hours)))
+    out, lo, (y, mo) = [], h0, (first.year, first.month)
+    for hi in edges:
+        out.append((y, mo, hours[(hours >= lo) & (hours < hi)]))
+        lo, (y, mo) = hi, ((y + 1, 1) if mo == 12 else (y, mo + 1))
+    return out
+
+
+def _time_values(hours: np.ndarray, calendar: str) -> np.ndarray:
+    """Hours since 1970 as datetime64 (standard calendars) or cftime dates (others)."""
+    if calendar in _STANDARD:
+        ns = np.round(hours * 3.6e12).astype("int64").astype("timedelta64[ns]")
+        return np.datetime64("1970-01-01T00:00:00", "ns") + ns
+    return np.asarray(cftime.num2date(hours, TIME_UNITS, calendar=calendar))
+
+
+# ----------------------------------------------------------------------------- grid, statics
+class _Grid:
+    """Lat-lon grid (latitude descending 90..-90, longitude 0..360-dx) and metric factors."""
+
+    def __init__(self, spec: DemoSpec) -> None:
+        self.ny, self.nx = spec.n_lat, spec.n_lon
+        self.lat = np.linspace(90.0, -90.0, self.ny)
+        self.lon = np.arange(self.nx) * (360.0 / self.nx)
+        self.dphi, self.dlam = math.pi / (self.ny - 1), 2 * math.pi / self.nx
+        phi = np.deg2rad(self.lat)[:, None]
+        self.sin = np.sin(phi)
+        self.cos = np.cos(phi)
+        self.cos[[0, -1]] = 0.0                       # exact poles
+        self.lam = np.deg2rad(self.lon)[None, :]
+        s0 = math.sin(math.radians(15.0))             # 1/f regularised inside ~15 degrees
+        self.finv = self.sin / (2 * _OMEGA * (self.sin**2 + s0**2))
+        cos_t = math.cos(math.radians(70.0))          # winds tapered like cos(lat) poleward of 70
+        self.taper = np.minimum(1.0, self.cos / cos_t)
+        self.taper_over_cos = 1.0 / np.maximum(self.cos, cos_t)
+        self.xyz = (self.cos * np.cos(self.lam), self.cos * np.sin(self.lam),
+                    self.sin * np.ones_like(self.lam))
+
+
+def _blobs(rng: np.random.Generator, grid: _Grid, n: int, radius: tuple[float, float],
+           weight: tuple[float, float]) -> np.ndarray:
+    """Sum of Gaussian bumps at random points of the sphere (smooth, periodic, poles exact)."""
+    centres = rng.normal(size=(n, 3))
+    centres /= np.sqrt((centres**2).sum(axis=1, keepdims=True))
+    radii = np.deg2rad(rng.uniform(*radius, n))
+    weights = rng.uniform(*weight, n)
+    x, y, z = grid.xyz
+    out = np.zeros((grid.ny, grid.nx))
+    for (cx, cy, cz), r, w in zip(centres, radii, weights):
+        dist = np.arccos(np.clip(x * cx + y * cy + z * cz, -1.0, 1.0))
+        out += w * np.exp(-((dist / r) ** 2))
+    return out
+
+
+def _geography(spec: DemoSpec, grid: _Grid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(orography m, binary land-sea mask, smooth land fraction) from the seed."""
+    rng = np.random.default_rng([spec.seed, 1])
+    f = _blobs(rng, grid, 14, (15.0, 35.0), (0.5, 1.0)) - _blobs(rng, grid, 6, (15.0, 30.0),
+                                                                  (0.3, 0.7))
+    area = np.broadcast_to(np.maximum(grid.cos, 1e-3 / grid.nx), f.shape).ravel()
+    order = np.argsort(f.ravel(), kind="stable")
+    cum = np.cumsum(area[order]) / area.sum()
+    threshold = f.ravel()[order][np.searchsorted(cum, 0.70)]     # ~30 % land by area
+    width = 0.25 * f.std()
+    lsm = (f > threshold).astype(np.float64)
+    ramp = np.clip((f - threshold) / width, 0.0, 1.0)
+    mountains = _blobs(rng, grid, 16, (6.0, 14.0), (800.0, 3500.0))
+    orog = ramp * (150.0 + mountains)
+    land = 1.0 / (1.0 + np.exp(-4.0 * (f - threshold) / width))
+    return orog, lsm, land
+
+
+def static_fields(spec: DemoSpec) -> xr.Dataset:
+    """Orography ``orog`` (m) and land-sea mask ``lsm`` (0/1) on the spec's grid."""
+    grid = _Grid(spec)
+    orog, lsm, _ = _geography(spec, grid)
+    data = {k: (("latitude", "longitude"), a.astype(np.float32), _var_attrs(k))
+            for k, a in (("orog", orog), ("lsm", lsm))}
+    return xr.Dataset(data, coords=_coords(spec, grid), attrs=_global_attrs(spec))
+
+
+# ----------------------------------------------------------------------------- the model
+def _declination(hours: float, year_days: float) -> float:
+    """Solar declination (rad) from the orbital phase of the calendar year."""
+    phase = (hours / 24.0 / year_days) % 1.0
+    return _OBLIQUITY * math.sin(2 * math.pi * (phase - 80.0 / 365.0))
+
+
+def _daily_insolation(sin: np.ndarray, cos: np.ndarray, decl: float) -> np.ndarray:
+    """Daily-mean top-of-atmosphere insolation / (S0/pi): 1 at the equator at equinox."""
+    tan = sin / np.maximum(cos, 1e-12)
+    h0 = np.arccos(np.clip(-tan * math.tan(decl), -1.0, 1.0))
+    return h0 * sin * math.sin(decl) + cos * math.cos(decl) * np.sin(h0)
+
+
+def _radiative_t(grid: _Grid, decl: float) -> np.ndarray:
+    """Radiative-equilibrium surface temperature (K) per latitude, with polar albedo."""
+    q = _daily_insolation(grid.sin, grid.cos, decl) * (1.0 - 0.6 * grid.sin**4)
+    return 232.0 + 70.0 * np.sqrt(np.maximum(q, 0.0))
+
+
+class _Waves:
+    """Travelling Rossby-wave packets in msl: amplitudes, wavenumbers, speeds from the seed."""
+
+    def __init__(self, spec: DemoSpec, n_per_hemisphere: int = 4) -> None:
+        rng = np.random.default_rng([spec.seed, 2])
+        n = 2 * n_per_hemisphere
+        self.hemi = np.repeat([1.0, -1.0], n_per_hemisphere)
+        self.m = rng.integers(3, 8, n).astype(np.float64)
+        self.lat0 = np.deg2rad(rng.uniform(38.0, 55.0, n)) * self.hemi
+        self.width = np.deg2rad(rng.uniform(10.0, 16.0, n))
+        self.amp = rng.uniform(500.0, 1200.0, n)
+        lam_rate = rng.uniform(4.0, 14.0, n) / (_A * np.cos(self.lat0))   # eastward, rad/s
+        self.omega = self.m * lam_rate
+        self.phase = rng.uniform(0.0, 2 * np.pi, n)
+        self.env_omega = 2 * np.pi / (rng.uniform(5.0, 15.0, n) * 86400.0)
+        self.env_phase = rng.uniform(0.0, 2 * np.pi, n)
+
+    def msl(self, grid: _Grid, seconds: float, decl: float) -> np.ndarray:
+        """The wave part of msl (Pa): stronger in the winter hemisphere, poleward in summer."""
+        winter = -self.hemi * decl / _OBLIQUITY
+        amp = self.amp * (1.0 + 0.3 * winter) * (1.0 + 0.35 * np.cos(
+            self.env_omega * seconds + self.env_phase))
+        centre = self.lat0 - self.hemi * np.deg2rad(5.0) * winter
+        out = np.zeros((grid.ny, grid.nx))
+        phi = np.deg2rad(grid.lat)
+        for k in range(len(self.m)):
+            shape = amp[k] * np.exp(-(((phi - centre[k]) / self.width[k]) ** 2))
+            wave = np.cos(self.m[k] * grid.lam[0] - self.omega[k] * seconds + self.phase[k])
+            out += (shape * grid.cos[:, 0] ** 2)[:, None] * wave[None, :]
+        return out
+
+
+class _Model:
+    """State (t on levels, t2m) plus the diagnostics and the time step."""
+
+    def __init__(self, spec: DemoSpec) -> None:
+        self.spec, self.grid = spec, _Grid(spec)
+        self.orog, self.lsm, self.land = _geography(spec, self.grid)
+        self.waves = _Waves(spec)
+        self.year_days = _YEAR_DAYS.get(spec.calendar, 365.2425)
+        self.p = np.array(spec.levels)[:, None, None] * 100.0          # Pa
+        sigma = np.clip(self.p / 1e5, 0.0, 1.0)
+        self.tau_air = (3.0 + 12.0 * (1.0 - sigma)) * 86400.0          # relaxation, s
+        self.tau_sfc = 86400.0 / (self.land / 0.3 + (1.0 - self.land) / 6.0)
+        decls = [_OBLIQUITY * math.sin(2 * math.pi * k / 48) for k in range(48)]
+        self.t_annual = np.mean([_radiative_t(self.grid, d) for d in decls], axis=0)
+        self.seasonal = self.land + 0.35 * (1.0 - self.land)            # sea damps the season
+        self.diurnal = 1.0 + 11.0 * self.land                           # K, day-night swing
+        n_sub = max(1, math.ceil(spec.step_hours / _MAX_SUBSTEP_HOURS))
+        self.dt = spec.step_hours * 3600.0 / n_sub
+        self.n_sub = n_sub
+        self._set_advection_constants()
+        self.hours = math.nan
+        self.t = self.t2m = np.empty(0)
+
+    def _set_advection_constants(self) -> None:
+        """Index-space displacement factors: rows move by v dt/(a dphi), columns by u dt/(a cos dlam)."""
+        g, dt = self.grid, self.dt
+        self.cj = g.finv * g.taper_over_cos * dt / (_A**2 * g.dphi * 2 * g.dlam)
+        self.ci = g.finv * g.taper_over_cos * dt / (_A**2 * g.dlam * 2 * g.dphi)
+        self.j_idx = np.arange(g.ny, dtype=np.float64)[:, None]
+        self.i_idx = np.arange(g.nx, dtype=np.float64)[None, :]
+
+    def _surface_target(self, hours: float, decl: float, msl: np.ndarray) -> np.ndarray:
+        """t2m relaxes toward insolation (season, time of day) mixed with the air above."""
+        g = self.grid
+        q = _daily_insolation(g.sin, g.cos, decl)
+        hour_angle = 2 * math.pi * (hours % 24.0) / 24.0 + g.lam - math.pi
+        cosz = g.sin * math.sin(decl) + g.cos * math.cos(decl) * np.cos(hour_angle)
+        rad = (self.t_annual + self.seasonal * (_radiative_t(g, decl) - self.t_annual)
+               + self.diurnal * (np.maximum(cosz, 0.0) - q / math.pi))
+        air = self.t[0] * (msl / self.p[0]) ** _KAPPA
+        return 0.65 * rad + 0.35 * air - _LAPSE * self.orog
+
+    def _air_target(self, decl: float) -> np.ndarray:
+        """Level temperatures relax to a lapse-rate profile over the ground, floored by a stratosphere."""
+        g = self.grid
+        trop = (self.t2m + _LAPSE * self.orog) * (self.p / 1e5) ** _KAPPA
+        strat = 212.0 + 12.0 * g.sin * math.sin(decl) / _OBLIQUITY - 6.0 * g.cos**2
+        return 0.5 * (trop + strat + np.sqrt((trop - strat) ** 2 + 16.0))  # smooth max
+
+    def diagnose(self) -> dict[str, np.ndarray]:
+        """msl, z, u, v (and index-space wind displacements) from the state at self.hours."""
+        g, decl = self.grid, _declination(self.hours, self.year_days)
+        t_sl = self.t2m + _LAPSE * self.orog
+        belts = np.abs(np.deg2rad(g.lat)[:, None] - 0.4 * decl)
+        clim = 101100.0 + 900.0 * np.exp(-(((belts - 0.56) / 0.21) ** 2)) - 1300.0 * np.exp(
+            -(((belts - 1.08) / 0.17) ** 2))
+        low = -40.0 * (t_sl - t_sl.mean(axis=1, keepdims=True))
+        msl = clim + low + self.waves.msl(g, self.hours * 3600.0, decl)
+        z = np.empty_like(self.t)
+        below_p, below_t, below_z = msl, t_sl, 0.0
+        for k in range(len(self.p)):
+            z[k] = below_z + _RD * 0.5 * (below_t + self.t[k]) * np.log(below_p / self.p[k])
+            below_p, below_t, below_z = self.p[k], self.t[k], z[k]
+        dz_lam = np.roll(z, -1, axis=-1) - np.roll(z, 1, axis=-1)
+        dz_phi = np.zeros_like(z)
+        dz_phi[:, 1:-1] = z[:, :-2] - z[:, 2:]                     # rows run north to south
+        u = -g.finv * g.taper * dz_phi / (_A * 2 * g.dphi)
+        v = g.finv * g.taper_over_cos * dz_lam / (_A * 2 * g.dlam)
+        return {"msl": msl, "z": z, "u": u, "v": v, "dj": self.cj * dz_lam,
+                "di": self.ci * dz_phi, "decl": decl}
+
+    def _advect(self, f: np.ndarray, dj: np.ndarray, di: np.ndarray) -> np.ndarray:
+        """Semi-Lagrangian bilinear advection of a (K, ny, nx) stack; longitude wraps."""
+        ny, nx = self.grid.ny, self.grid.nx
+        width = nx + 2                                   # two wrapped columns: no index checks
+        padded = np.concatenate([f, f[..., :2]], axis=-1).ravel()
+        jd = np.clip(self.j_idx + dj, 0.0, ny - 1.0)
+        j0 = np.minimum(jd.astype(np.intp), ny - 2)
+        wj = jd - j0
+        idf = (self.i_idx + di) % nx
+        i0 = idf.astype(np.intp)
+        wi = idf - i0
+        i0 += j0 * width
+        i0 += (np.arange(f.shape[0]) * (ny * width))[:, None, None]
+        a, b = padded[i0], padded[i0 + 1]
+        north = a + wi * (b - a)
+        i0 += width
+        a, b = padded[i0], padded[i0 + 1]
+        south = a + wi * (b - a)
+        return north + wj * (south - north)
+
+    @staticmethod
+    def _diffuse(f: np.ndarray, k: float = 0.04) -> np.ndarray:
+        """Light index-space diffusion (longitude periodic, poles untouched)."""
+        out = f + k * (np.roll(f, 1, axis=-1) + np.roll(f, -1, axis=-1) - 2 * f)
+        out[..., 1:-1, :] += k * (f[..., :-2, :] + f[..., 2:, :] - 2 * f[..., 1:-1, :])
+        return out
+
+    def _substep(self, diag: dict[str, np.ndarray]) -> None:
+        """Advect and diffuse t and t2m, then relax toward the targets at the new time."""
+        dj = np.concatenate([diag["dj"], 0.8 * diag["dj"][:1]])   # t2m moves with the low wind
+        di = np.concatenate([diag["di"], 0.8 * diag["di"][:1]])
+        stack = self._diffuse(self._advect(np.concatenate([self.t, self.t2m[None]]), dj, di))
+        self.t, self.t2m = stack[:-1], stack[-1]
+        self.hours += self.dt / 3600.0
+        decl = _declination(self.hours, self.year_days)
+        target = self._surface_target(self.hours, decl, diag["msl"])
+        self.t2m = target + (self.t2m - target) * np.exp(-self.dt / self.tau_sfc)
+        target = self._air_target(decl)
+        self.t = target + (self.t - target) * np.exp(-self.dt / self.tau_air)
+
+    def start(self, hours: float) -> None:
+        """Initialise near equilibrium and spin up so that ``hours`` starts in a settled state."""
+        self.hours = hours - _SPINUP_DAYS * 24.0
+        decl = _declination(self.hours, self.year_days)
+        self.t2m = self.t_annual + self.seasonal * (_radiative_t(self.grid, decl) - self.t_annual)
+        self.t2m = self.t2m - _LAPSE * self.orog
+        self.t = self._air_target(decl) * np.ones((len(self.p), 1, 1))
+        for _ in range(round(_SPINUP_DAYS * 24 * 3600 / self.dt)):
+            self._substep(self.diagnose())
+        self.hours = hours   # exact, no float drift
+
+    def step(self, diag: dict[str, np.ndarray] | None = None) -> None:
+        """Advance by one output step (``diag``: diagnostics of the current state, if known)."""
+        h = self.hours
+        for _ in range(self.n_sub):
+            self._substep(diag if diag is not None else self.diagnose())
+            diag = None
+        self.hours = h + self.spec.step_hours
+
+
+# ----------------------------------------------------------------------------- datasets
+def _var_attrs(name: str) -> dict[str, str]:
+    units, standard_name, long_name = _ATTRS[name]
+    return {"units": units, "standard_name": standard_name, "long_name": long_name}
+
+
+def _coords(spec: DemoSpec, grid: _Grid) -> dict[str, tuple]:
+    """ERA5-like coordinates: latitude descending, longitude ascending from 0."""
+    return {
+        "latitude": ("latitude", grid.lat, {"units": "degrees_north", "standard_name": "latitude",
+                                            "long_name": "latitude", "axis": "Y"}),
+        "longitude": ("longitude", grid.lon, {"units": "degrees_east",
+                                              "standard_name": "longitude",
+                                              "long_name": "longitude", "axis": "X"}),
+    }
+
+
+def _global_attrs(spec: DemoSpec) -> dict:
+    fields = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(spec).items()}
+    return {"title": "Synthetic ERA5-like demo data", "source": "pipeline synthetic demo",
+            "Conventions": "CF-1.8", **fields}
+
+
+def _month_dataset(model: _Model, hours: np.ndarray) -> xr.Dataset:
+    """Run the model through ``hours`` (the first is the current time) into a Dataset."""
+    spec, grid = model.spec, model.grid
+    n, shape2, shape3 = len(hours), (grid.ny, grid.nx), (len(spec.levels), grid.ny, grid.nx)
+    out = {k: np.empty((n, *shape2), np.float32) for k in ("t2m", "msl")}
+    out.update({k: np.empty((n, *shape3), np.float32) for k in ("t", "z", "u", "v")})
+    for i, h in enumerate(hours):
+        if model.hours != h:
+            raise RuntimeError(f"model at {model.hours} h, expected {h} h")
+        diag = model.diagnose()
+        out["t2m"][i], out["t"][i] = model.t2m, model.t
+        for k in ("msl", "z", "u", "v"):
+            out[k][i] = diag[k]
+        model.step(diag)
+    dims2, dims3 = ("time", "latitude", "longitude"), ("time", "level", "latitude", "longitude")
+    data = {k: (dims3 if a.ndim == 4 else dims2, a, _var_attrs(k)) for k, a in out.items()}
+    coords = _coords(spec, grid)
+    coords["level"] = ("level", np.array(spec.levels), {
+        "units": "hPa", "positive": "down", "standard_name": "air_pressure",
+        "long_name": "pressure level", "axis": "Z"})
+    coords["time"] = ("time", _time_values(hours, spec.calendar),
+                      {"standard_name": "time", "long_name": "time", "axis": "T"})
+    ds = xr.Dataset(data, coords=coords, attrs=_global_attrs(spec))
+    ds["time"].encoding.update({"units": TIME_UNITS, "calendar": spec.calendar,
+                                "dtype": "int64"})
+    return ds
+
+
+def simulate(spec: DemoSpec) -> Iterator[xr.Dataset]:
+    """Yield one xarray Dataset per calendar month, in time order."""
+    months = _month_times(spec)
+    model = _Model(spec)
+    model.start(float(months[0][2][0]))
+    for year, month, hours in months:
+        log.debug("simulating %04d-%02d (%d steps)", year, month, len(hours))
+        yield _month_dataset(model, hours)
+
+
+def _encoding(ds: xr.Dataset, compress: bool) -> dict[str, dict]:
+    """netCDF4 encodings: no fill values; zlib and per-step chunks only when compressing."""
+    enc: dict[str, dict] = {name: {"_FillValue": None} for name in ds.coords}
+    if "time" in ds.coords:
+        enc["time"] = {"units": TIME_UNITS, "calendar": ds.attrs["calendar"], "dtype": "int64",
+                       "_FillValue": None}
+    for name, var in ds.data_vars.items():
+        enc[name] = {"dtype": "float32", "_FillValue": None}
+        if compress:
+            chunks = tuple(1 if d == "time" else var.sizes[d] for d in var.dims)
+            enc[name].update(zlib=True, complevel=1, shuffle=True, chunksizes=chunks)
+    return enc
+
+
+def _write_atomic(ds: xr.Dataset, path: Path, compress: bool) -> None:
+    """Write to a hidden temporary file next to ``path``, then rename it into place."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        ds.to_netcdf(tmp, engine="netcdf4", format="NETCDF4", encoding=_encoding(ds, compress))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_demo_data(out_dir: Path, spec_or_size: DemoSpec | str) -> list[Path]:
+    """Write demo_YYYY-MM.nc (one per month) and static.nc into out_dir; return the paths
+    (months sorted, static last). Each file appears complete or not at all."""
+    spec = demo_spec(spec_or_size) if isinstance(spec_or_size, str) else spec_or_size
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    compress = spec.n_lat * spec.n_lon <= 10_000            # large: raw speed over size
+    paths = []
+    for ds in simulate(spec):
+        first = ds.indexes["time"][0]
+        path = out_dir / f"demo_{first.year:04d}-{first.month:02d}.nc"
+        _write_atomic(ds, path, compress)
+        log.info("wrote %s (%d steps)", path, ds.sizes["time"])
+        paths.append(path)
+    static = out_dir / "static.nc"
+    _write_atomic(static_fields(spec), static, compress)
+    return [*paths, static]

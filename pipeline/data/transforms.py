@@ -1,0 +1,195 @@
+"""Pure transforms from source variables to the stored channels.
+
+The order is fixed: select variables and levels -> NaN policy -> derived channels ->
+area-weighted coarsening -> analytic forcings. Every function takes and returns
+in-memory xarray objects for one time window, so that a shard is built from its own
+window alone (parts stay independent and order-free).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import xarray as xr
+
+from pipeline.config import Data, level_channel
+from pipeline.data.forcings import forcing_field
+from pipeline.data.grid import coarsen_area_weighted
+from pipeline.data.sources import SourceScan
+from pipeline.errors import SourceError
+
+ROLES = ("prognostic", "derived", "mask", "forcing")
+
+
+@dataclass(frozen=True)
+class ChannelPlan:
+    """The stored channels in order, with their roles and where each variable comes from."""
+
+    prognostic: tuple[str, ...]
+    derived: tuple[str, ...]
+    masks: tuple[str, ...]
+    forcings: tuple[str, ...]
+    static: tuple[str, ...]
+    variable_source: tuple[tuple[str, str], ...]  # (variable, source path)
+
+    @property
+    def names(self) -> list[str]:
+        return [*self.prognostic, *self.derived, *self.masks, *self.forcings]
+
+    @property
+    def roles(self) -> list[str]:
+        return ([ROLES[0]] * len(self.prognostic) + [ROLES[1]] * len(self.derived)
+                + [ROLES[2]] * len(self.masks) + [ROLES[3]] * len(self.forcings))
+
+    def wanted_by_source(self) -> dict[str, set[str]]:
+        wanted: dict[str, set[str]] = {}
+        for var, path in self.variable_source:
+            wanted.setdefault(path, set()).add(var)
+        return wanted
+
+
+def mask_name(channel: str) -> str:
+    return f"{channel}_mask"
+
+
+def plan_channels(cfg: Data, scans: list[SourceScan]) -> ChannelPlan:
+    """Check that every configured variable, level and static field exists; order channels."""
+    dynamic = [s for s in scans if not s.source.static]
+    static = [s for s in scans if s.source.static]
+    var_source: list[tuple[str, str]] = []
+    for var in cfg.variable_specs():
+        scan = next((s for s in dynamic if var.name in s.variables), None)
+        if scan is None:
+            available = sorted({v for s in dynamic for v in s.variables})
+            raise SourceError(f"variable '{var.name}' is in no source",
+                              f"available variables: {', '.join(available)}; "
+                              "fix data.variables or a source's 'rename'")
+        dims = scan.variables[var.name]
+        if var.levels is not None:
+            if cfg.level_dim not in dims:
+                raise SourceError(f"variable '{var.name}' has no '{cfg.level_dim}' dimension "
+                                  f"(dims {list(dims)})", "remove 'levels' or fix data.level_dim")
+            have = scan.levels[var.name]
+            for lev in var.levels:
+                if not np.any(np.isclose(have, lev)):
+                    raise SourceError(f"variable '{var.name}' has no level {lev:g}",
+                                      f"available levels: {', '.join(f'{x:g}' for x in have)}")
+        elif cfg.level_dim in dims:
+            raise SourceError(f"variable '{var.name}' has levels; choose some",
+                              f"write {{name: {var.name}, levels: [...]}} in data.variables")
+        var_source.append((var.name, scan.source.path))
+    for name in cfg.static:
+        if not any(name in s.variables for s in static):
+            available = sorted({v for s in static for v in s.variables})
+            raise SourceError(f"static field '{name}' is in no static source",
+                              f"available: {', '.join(available) or 'none (mark a source static: true)'}")
+    prognostic = tuple(cfg.prognostic_channels())
+    masks: tuple[str, ...] = ()
+    if cfg.nan.policy == "fill":
+        masks = tuple(mask_name(c) for c in (cfg.nan.channels or prognostic))
+    return ChannelPlan(prognostic=prognostic, derived=tuple(d.name for d in cfg.derived),
+                       masks=masks, forcings=tuple(cfg.forcings), static=tuple(cfg.static),
+                       variable_source=tuple(var_source))
+
+
+def select_channels(ds: xr.Dataset, cfg: Data) -> dict[str, xr.DataArray]:
+    """One (time, lat, lon) float array per prognostic channel (levels split out)."""
+    out: dict[str, xr.DataArray] = {}
+    for var in cfg.variable_specs():
+        da = ds[var.name]
+        if var.levels is None:
+            out[var.name] = da.transpose("time", "lat", "lon")
+            continue
+        for lev in var.levels:
+            level_da = da.sel({cfg.level_dim: lev}, method="nearest", tolerance=1e-6 * max(1.0, abs(lev)))
+            out[level_channel(var.name, lev)] = level_da.drop_vars(cfg.level_dim).transpose(
+                "time", "lat", "lon")
+    return {k: v.astype(np.float64) for k, v in out.items()}
+
+
+def apply_nan_policy(channels: dict[str, xr.DataArray], cfg: Data) -> dict[str, xr.DataArray]:
+    """Reject non-finite values (naming channel and time) or fill them and add masks."""
+    fill = set(cfg.nan.channels or channels) if cfg.nan.policy == "fill" else set()
+    out = dict(channels)
+    masks: dict[str, xr.DataArray] = {}
+    for name, da in channels.items():
+        bad = ~np.isfinite(da.values)
+        if name in fill:
+            masks[mask_name(name)] = da.copy(data=bad.astype(np.float64))
+            out[name] = da.copy(data=np.where(bad, cfg.nan.fill_value, da.values))
+        elif bad.any():
+            t = int(np.argmax(bad.reshape(bad.shape[0], -1).any(axis=1)))
+            raise SourceError(
+                f"NaN in variable '{name}' at {da['time'].values[t]} ({int(bad[t].sum())} points)",
+                "fix the source, or set data.nan.policy: fill to fill them and store a mask")
+    return {**out, **masks}
+
+
+def add_derived(channels: dict[str, xr.DataArray], cfg: Data) -> dict[str, xr.DataArray]:
+    """Append the configured derived channels, computed from the stored ones."""
+    out = dict(channels)
+    for d in cfg.derived:
+        inputs = [out[name] for name in d.inputs]
+        if d.function == "wind_speed":
+            if len(inputs) != 2:
+                raise SourceError(f"derived '{d.name}': wind_speed takes 2 inputs (u, v)",
+                                  "fix data.derived[].inputs")
+            out[d.name] = np.hypot(inputs[0], inputs[1])
+        elif d.function == "difference":
+            if len(inputs) != 2:
+                raise SourceError(f"derived '{d.name}': difference takes 2 inputs",
+                                  "fix data.derived[].inputs")
+            out[d.name] = inputs[0] - inputs[1]
+        else:  # sum
+            out[d.name] = sum(inputs[1:], inputs[0])
+    return out
+
+
+def transform_window(ds: xr.Dataset, cfg: Data, plan: ChannelPlan) -> tuple[xr.DataArray, np.ndarray]:
+    """Source window -> stored channels ``(time, channel, lat, lon)`` float32.
+
+    Also returns validity weights of the same shape (1 where every input cell was
+    present, the valid fraction after coarsening), so statistics skip filled values.
+    """
+    channels = add_derived(apply_nan_policy(select_channels(ds, cfg), cfg), cfg)
+    stacked = xr.concat([channels[n] for n in [*plan.prognostic, *plan.derived, *plan.masks]],
+                        dim="channel", coords="minimal", compat="override")
+    stacked = stacked.transpose("time", "channel", "lat", "lon")
+    stacked = coarsen_area_weighted(stacked.to_dataset(name="x"), cfg.coarsen)["x"]
+    lat, lon = stacked["lat"].values, stacked["lon"].values
+    arrays = [stacked.values]
+    if plan.forcings:
+        times = stacked["time"]
+        arrays.append(np.stack([forcing_field(f, times, lat, lon) for f in plan.forcings], axis=1))
+    data = np.concatenate(arrays, axis=1).astype(np.float32)
+    valid = np.ones_like(data, dtype=np.float32)
+    n_direct = len(plan.prognostic)
+    for i, channel in enumerate(plan.prognostic):
+        name = mask_name(channel)
+        if name in plan.masks:
+            j = n_direct + len(plan.derived) + plan.masks.index(name)
+            valid[:, i] = 1.0 - data[:, j]
+    out = xr.DataArray(data, dims=("time", "channel", "lat", "lon"),
+                       coords={"time": stacked["time"], "channel": plan.names, "lat": lat, "lon": lon})
+    return out, valid
+
+
+def transform_static(ds: xr.Dataset, cfg: Data, plan: ChannelPlan) -> xr.DataArray:
+    """Static fields -> ``(static_channel, lat, lon)`` float32, NaNs filled or rejected."""
+    fields = []
+    for name in plan.static:
+        da = ds[name].transpose("lat", "lon").astype(np.float64)
+        bad = ~np.isfinite(da.values)
+        if bad.any():
+            if cfg.nan.policy != "fill":
+                raise SourceError(f"NaN in static field '{name}' ({int(bad.sum())} points)",
+                                  "fix the source, or set data.nan.policy: fill")
+            da = da.copy(data=np.where(bad, cfg.nan.fill_value, da.values))
+        fields.append(da.expand_dims(static_channel=[name]))
+    if not fields:
+        return xr.DataArray(np.zeros((0, ds.sizes.get("lat", 0), ds.sizes.get("lon", 0)), np.float32),
+                            dims=("static_channel", "lat", "lon"))
+    stacked = xr.concat(fields, dim="static_channel")
+    stacked = coarsen_area_weighted(stacked.to_dataset(name="x"), cfg.coarsen)["x"]
+    return stacked.astype(np.float32)

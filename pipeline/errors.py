@@ -1,0 +1,47 @@
+"""The error hierarchy.
+
+Every error a user can fix is a :class:`PipelineError`; the CLI prints it as one line
+``error: <what> (<fix>)`` and exits with code 2. The classes also subclass builtins so
+that callers can catch them the Python way (``except ValueError``).
+"""
+
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """A problem with the user's input that they can fix; ``hint`` says how."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __reduce__(self) -> tuple[type, tuple[str, str | None]]:
+        # Errors raised in Dask or Ray workers travel back pickled: keep the hint.
+        return (type(self), (self.message, self.hint))
+
+    def one_line(self) -> str:
+        """The message as the CLI prints it: one line, hint in parentheses."""
+        text = self.message if not self.hint else f"{self.message} ({self.hint})"
+        return " ".join(text.split())
+
+    def __str__(self) -> str:
+        return self.one_line()
+
+
+class ConfigError(PipelineError, ValueError):
+    """The config has an unknown key, a wrong type or an impossible value."""
+
+
+class SourceError(PipelineError, ValueError):
+    """Raw input files are missing, unreadable or inconsistent."""
+
+
+class StoreError(PipelineError, ValueError):
+    """The training store is missing, incomplete, or not what the caller expects."""
+
+
+class CheckpointError(PipelineError, ValueError):
+    """A checkpoint cannot be used (missing, corrupt, or from another store)."""
