@@ -36,10 +36,10 @@ from pipeline import __version__
 from pipeline.config import Config, Data, config_hash, resolved_dict
 from pipeline.data import statistics, store
 from pipeline.data.grid import area_weights, coarsen_area_weighted
-from pipeline.data.sources import (SourceScan, _within, load_static, load_window, scan_sources,
-                                   time_axis)
+from pipeline.data.sources import (SourceScan, load_static, load_window, scan_sources,
+                                   time_axis, time_label, within)
 from pipeline.data.transforms import ChannelPlan, plan_channels, transform_static, transform_window
-from pipeline.errors import SourceError, StoreError
+from pipeline.errors import PipelineError, SourceError, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +94,10 @@ def _split_mask(times: pd.Index, cfg: Data) -> np.ndarray:
     masks = {}
     for name in ("train", "val", "test"):
         start, end = getattr(cfg.splits, name)
-        masks[name] = _within(times, start, end)
-        if not masks[name].any():
-            raise SourceError(f"data.splits.{name} [{start}, {end}] selects no stored time step",
-                              f"the store covers {times[0]} to {times[-1]}")
+        masks[name] = within(times, start, end)
+        if name != "train" and not masks[name].any():
+            # Allowed: a store built before its evaluation period's data has arrived.
+            log.warning("data.splits.%s [%s, %s] selects no stored time step yet", name, start, end)
     if masks["train"].sum() < 2:
         raise SourceError("data.splits.train selects fewer than 2 steps",
                           "widen the train split (statistics need at least 2 steps)")
@@ -126,10 +126,6 @@ def _provenance(plan: BuildPlan) -> list[dict[str, Any]]:
     return [f.provenance() for scan in plan.scans for f in scan.files]
 
 
-def _time_label(t: Any) -> str:
-    return pd.Timestamp(t).isoformat() if isinstance(t, (np.datetime64, pd.Timestamp)) else str(t)
-
-
 def _attrs(cfg: Config, plan: BuildPlan) -> dict[str, Any]:
     train = cfg.data.splits.train
     return {
@@ -143,8 +139,8 @@ def _attrs(cfg: Config, plan: BuildPlan) -> dict[str, Any]:
         "sources": _provenance(plan),
         "splits": {k: list(v) for k, v in resolved_dict(cfg.data.splits).items()},
         "frequency": cfg.data.frequency,
-        "time_start": _time_label(plan.times[0]),
-        "time_end": _time_label(plan.times[-1]),
+        "time_start": time_label(plan.times[0]),
+        "time_end": time_label(plan.times[-1]),
         "grid": {"lat_range": [float(plan.lat[0]), float(plan.lat[-1])],
                  "lon_range": [float(plan.lon[0]), float(plan.lon[-1])],
                  "coarsen": cfg.data.coarsen},
@@ -249,7 +245,7 @@ def shards_of_part(n_shards: int, part: int, n_parts: int) -> list[int]:
 
 
 def build_shard(plan: BuildPlan, shard: int) -> int:
-    """Read, transform and write one shard with its partial statistics (a Dask task)."""
+    """Read, transform and write one shard with its partial statistics."""
     t0, t1 = plan.shard_range(shard)
     w0 = max(t0 - 1, 0)  # one step before the shard, for one-step differences
     window = load_window(plan.scans, plan.times[w0:t1], plan.channels.wanted_by_source())
@@ -265,6 +261,15 @@ def build_shard(plan: BuildPlan, shard: int) -> int:
     return shard
 
 
+def _shard_task(plan: BuildPlan, shard: int) -> tuple[int, PipelineError | None]:
+    """The Dask task: a user error comes back as a value, so that workers do not log it
+    as a crash with a traceback; the client raises it."""
+    try:
+        return build_shard(plan, shard), None
+    except PipelineError as err:
+        return shard, err
+
+
 def run_shards(plan: BuildPlan, shards: list[int], client: Any) -> None:
     """Build the given shards as tasks on a Dask cluster, skipping those already done."""
     group = store.open_group(plan.store_path)
@@ -278,10 +283,13 @@ def run_shards(plan: BuildPlan, shards: list[int], client: Any) -> None:
     from distributed import as_completed
 
     plan_future = client.scatter(plan, broadcast=True)
-    futures = client.map(build_shard, [plan_future] * len(todo), todo, pure=False)
+    futures = client.map(_shard_task, [plan_future] * len(todo), todo, pure=False)
     with _progress(len(todo)) as advance:
         for future in as_completed(futures):
-            shard = future.result()  # re-raises a task's SourceError here
+            shard, error = future.result()
+            if error is not None:
+                client.cancel(futures)
+                raise error
             advance(shard)
 
 
@@ -296,10 +304,12 @@ def _progress(total: int) -> Iterator[Any]:
             yield lambda _shard: bar.advance(task)
         return
     count = {"n": 0}
+    every = max(1, total // 10)
 
-    def advance(shard: int) -> None:
+    def advance(_shard: int) -> None:
         count["n"] += 1
-        log.info("shard %d written (%d/%d)", shard, count["n"], total)
+        if count["n"] % every == 0 or count["n"] == total:
+            log.info("shards written: %d/%d", count["n"], total)
 
     yield advance
 
@@ -386,7 +396,7 @@ def prepare_append(cfg: Config, plan: BuildPlan) -> bool:
         appending={"from_length": old_length, "to_length": len(plan.times)},
         statistics_frozen=not cfg.data.statistics.recompute_on_append,
         sources=_provenance(plan), config=resolved_dict(cfg), config_hash=config_hash(cfg),
-        time_end=_time_label(plan.times[-1]))
+        time_end=time_label(plan.times[-1]))
     _extend_arrays(group, plan, first_shard, reset=not appending)
     store.consolidate(plan.store_path)
     log.info("appending %d steps to %s from shard %d", len(plan.times) - old_length,

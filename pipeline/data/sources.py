@@ -232,12 +232,12 @@ def time_axis(scans: list[SourceScan], cfg: Data) -> pd.Index:
     if not axes:
         raise SourceError("no time-dependent source", "add a source without 'static: true'")
     index = axes[0][1]
-    index = index[_within(index, cfg.start, cfg.end)]
+    index = index[within(index, cfg.start, cfg.end)]
     if len(index) == 0:
         raise SourceError(f"no time steps between data.start={cfg.start} and data.end={cfg.end}",
                           f"the sources cover {axes[0][1][0]} to {axes[0][1][-1]}")
     for scan, other in axes[1:]:
-        other = other[_within(other, cfg.start, cfg.end)]
+        other = other[within(other, cfg.start, cfg.end)]
         missing = index.difference(other)
         if len(missing):
             raise SourceError(f"source '{scan.source.path}' lacks {len(missing)} time steps that "
@@ -247,7 +247,7 @@ def time_axis(scans: list[SourceScan], cfg: Data) -> pd.Index:
     return index
 
 
-def _within(index: pd.Index, start: str | None, end: str | None) -> np.ndarray:
+def within(index: pd.Index, start: str | None, end: str | None) -> np.ndarray:
     """Boolean mask of ``index`` within the inclusive, string-given range."""
     positions = np.arange(len(index))
     selected = xr.DataArray(positions, dims="time", coords={"time": index}).sel(
@@ -255,6 +255,13 @@ def _within(index: pd.Index, start: str | None, end: str | None) -> np.ndarray:
     mask = np.zeros(len(index), dtype=bool)
     mask[selected.values] = True
     return mask
+
+
+def time_label(t: Any) -> str:
+    """A time as ISO text, for messages and attributes (numpy and cftime alike)."""
+    if isinstance(t, (np.datetime64, pd.Timestamp)):
+        return pd.Timestamp(t).isoformat()
+    return t.isoformat() if hasattr(t, "isoformat") else str(t)
 
 
 def check_regular(index: pd.Index, frequency: str) -> None:
@@ -269,8 +276,8 @@ def check_regular(index: pd.Index, frequency: str) -> None:
     if len(index) and not _index_equal(index, expected):
         bad = int(np.argmax(~_elementwise_equal(index, expected)))
         raise SourceError(
-            f"time gap: expected {expected[bad]} at step {bad} (after {index[bad - 1]}) "
-            f"but the sources have {index[bad]} (data.frequency={frequency})",
+            f"time gap: expected {time_label(expected[bad])} after {time_label(index[bad - 1])} "
+            f"but the sources have {time_label(index[bad])} (data.frequency={frequency})",
             "fill the missing files or steps, or set data.start/data.end to avoid the gap")
 
 

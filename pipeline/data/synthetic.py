@@ -49,7 +49,8 @@ _YEAR_DAYS = {"360_day": 360.0, "noleap": 365.0, "365_day": 365.0, "all_leap": 3
               "366_day": 366.0, "julian": 365.25}
 _STANDARD = ("standard", "gregorian", "proleptic_gregorian")
 _SPINUP_DAYS = 30
-_MAX_SUBSTEP_HOURS = 3.0
+_MAX_SUBSTEP_HOURS = 6.0
+_WIND_SCALE = 300e3    # m: winds are geostrophic from z smoothed on this scale
 _ATTRS = {
     "t2m": ("K", "air_temperature", "2 metre temperature"),
     "msl": ("Pa", "air_pressure_at_mean_sea_level", "Mean sea level pressure"),
@@ -222,9 +223,9 @@ class _Waves:
         n = 2 * n_per_hemisphere
         self.hemi = np.repeat([1.0, -1.0], n_per_hemisphere)
         self.m = rng.integers(3, 8, n).astype(np.float64)
-        self.lat0 = np.deg2rad(rng.uniform(38.0, 55.0, n)) * self.hemi
+        self.lat0 = np.deg2rad(rng.uniform(45.0, 60.0, n)) * self.hemi
         self.width = np.deg2rad(rng.uniform(10.0, 16.0, n))
-        self.amp = rng.uniform(500.0, 1200.0, n)
+        self.amp = rng.uniform(600.0, 1500.0, n)
         lam_rate = rng.uniform(4.0, 14.0, n) / (_A * np.cos(self.lat0))   # eastward, rad/s
         self.omega = self.m * lam_rate
         self.phase = rng.uniform(0.0, 2 * np.pi, n)
@@ -265,15 +266,27 @@ class _Model:
         n_sub = max(1, math.ceil(spec.step_hours / _MAX_SUBSTEP_HOURS))
         self.dt = spec.step_hours * 3600.0 / n_sub
         self.n_sub = n_sub
+        self.keep_sfc = np.exp(-self.dt / self.tau_sfc)                # exact relaxation factors
+        self.keep_air = np.exp(-self.dt / self.tau_air)
+        self.p_kappa = (self.p / 1e5) ** _KAPPA
         self._set_advection_constants()
         self.hours = math.nan
         self.t = self.t2m = np.empty(0)
+        self._work: list[np.ndarray] | None = None
 
     def _set_advection_constants(self) -> None:
         """Index-space displacement factors: rows move by v dt/(a dphi), columns by u dt/(a cos dlam)."""
         g, dt = self.grid, self.dt
-        self.cj = g.finv * g.taper_over_cos * dt / (_A**2 * g.dphi * 2 * g.dlam)
-        self.ci = g.finv * g.taper_over_cos * dt / (_A**2 * g.dlam * 2 * g.dphi)
+        self.cu = -g.finv * g.taper / (_A * 2 * g.dphi)          # u = cu * (z[j-1] - z[j+1])
+        self.cv = g.finv * g.taper_over_cos / _A                 # v = cv * dz/dlambda
+        m = np.arange(g.nx // 2 + 1)[None, :]
+        scale = m * _WIND_SCALE / (_A * np.maximum(g.cos, 1e-9))  # wavenumber * length scale
+        self.zonal_filter = np.exp(-0.5 * scale**2)               # Gaussian, exact zero at poles
+        self.zonal_deriv = 1j * m * self.zonal_filter
+        if g.nx % 2 == 0:
+            self.zonal_deriv[:, -1] = 0.0
+        self.cj = self.cv * dt / (_A * g.dphi)
+        self.ci = g.finv * g.taper_over_cos * dt / (_A**2 * 2 * g.dphi * g.dlam)
         self.j_idx = np.arange(g.ny, dtype=np.float64)[:, None]
         self.i_idx = np.arange(g.nx, dtype=np.float64)[None, :]
 
@@ -291,9 +304,16 @@ class _Model:
     def _air_target(self, decl: float) -> np.ndarray:
         """Level temperatures relax to a lapse-rate profile over the ground, floored by a stratosphere."""
         g = self.grid
-        trop = (self.t2m + _LAPSE * self.orog) * (self.p / 1e5) ** _KAPPA
+        trop = (self.t2m + _LAPSE * self.orog) * self.p_kappa
         strat = 212.0 + 12.0 * g.sin * math.sin(decl) / _OBLIQUITY - 6.0 * g.cos**2
-        return 0.5 * (trop + strat + np.sqrt((trop - strat) ** 2 + 16.0))  # smooth max
+        gap = trop - strat
+        gap *= gap
+        gap += 16.0
+        np.sqrt(gap, out=gap)
+        gap += trop
+        gap += strat
+        gap *= 0.5
+        return gap                                    # smooth max(trop, strat), 2 K wide
 
     def diagnose(self) -> dict[str, np.ndarray]:
         """msl, z, u, v (and index-space wind displacements) from the state at self.hours."""
@@ -309,40 +329,70 @@ class _Model:
         for k in range(len(self.p)):
             z[k] = below_z + _RD * 0.5 * (below_t + self.t[k]) * np.log(below_p / self.p[k])
             below_p, below_t, below_z = self.p[k], self.t[k], z[k]
-        dz_lam = np.roll(z, -1, axis=-1) - np.roll(z, 1, axis=-1)
+        spectrum = np.fft.rfft(z, axis=-1)                         # winds see only large scales
+        smooth = np.fft.irfft(spectrum * self.zonal_filter, n=g.nx, axis=-1)
+        dz_lam = np.fft.irfft(spectrum * self.zonal_deriv, n=g.nx, axis=-1)
         dz_phi = np.zeros_like(z)
-        dz_phi[:, 1:-1] = z[:, :-2] - z[:, 2:]                     # rows run north to south
-        u = -g.finv * g.taper * dz_phi / (_A * 2 * g.dphi)
-        v = g.finv * g.taper_over_cos * dz_lam / (_A * 2 * g.dlam)
-        return {"msl": msl, "z": z, "u": u, "v": v, "dj": self.cj * dz_lam,
-                "di": self.ci * dz_phi, "decl": decl}
+        dz_phi[:, 1:-1] = smooth[:, :-2] - smooth[:, 2:]           # rows run north to south
+        return {"msl": msl, "z": z, "u": self.cu * dz_phi, "v": self.cv * dz_lam,
+                "dj": self.cj * dz_lam, "di": self.ci * dz_phi}
 
     def _advect(self, f: np.ndarray, dj: np.ndarray, di: np.ndarray) -> np.ndarray:
-        """Semi-Lagrangian bilinear advection of a (K, ny, nx) stack; longitude wraps."""
+        """Semi-Lagrangian bilinear advection of a (K, ny, nx) stack; longitude wraps.
+
+        ``dj``, ``di``: departure offsets in rows and columns. In-place work on preallocated
+        buffers (fresh 3-D temporaries cost as much as the arithmetic)."""
         ny, nx = self.grid.ny, self.grid.nx
-        width = nx + 2                                   # two wrapped columns: no index checks
-        padded = np.concatenate([f, f[..., :2]], axis=-1).ravel()
-        jd = np.clip(self.j_idx + dj, 0.0, ny - 1.0)
-        j0 = np.minimum(jd.astype(np.intp), ny - 2)
-        wj = jd - j0
-        idf = (self.i_idx + di) % nx
-        i0 = idf.astype(np.intp)
-        wi = idf - i0
-        i0 += j0 * width
+        if self._work is None or self._work[0].shape != f.shape:
+            self._work = ([np.empty(f.shape) for _ in range(4)]
+                          + [np.empty(f.shape, np.intp) for _ in range(2)])
+        wj, wi, a, b, j0, i0 = self._work
+        width = nx + 1                                    # one wrapped column: i0 + 1 is valid
+        padded = np.concatenate([f, f[..., :1]], axis=-1).ravel()
+        np.add(self.j_idx, dj, out=wj)
+        np.clip(wj, 0.0, ny - 1.0, out=wj)
+        np.minimum(wj, ny - 2, out=j0, casting="unsafe")  # truncation == floor here
+        wj -= j0
+        np.add(self.i_idx, di, out=wi)
+        np.floor(wi, out=a)
+        wi -= a
+        i0[...] = a
+        np.remainder(i0, nx, out=i0)                      # integer modulo (float % is slow)
+        j0 *= width
+        i0 += j0
         i0 += (np.arange(f.shape[0]) * (ny * width))[:, None, None]
-        a, b = padded[i0], padded[i0 + 1]
-        north = a + wi * (b - a)
+        north = padded.take(i0)
+        i0 += 1
+        padded.take(i0, out=b)
+        b -= north
+        b *= wi
+        north += b                                        # row j0 interpolated in longitude
         i0 += width
-        a, b = padded[i0], padded[i0 + 1]
-        south = a + wi * (b - a)
-        return north + wj * (south - north)
+        padded.take(i0, out=b)
+        i0 -= 1
+        padded.take(i0, out=a)
+        b -= a
+        b *= wi
+        b += a                                            # row j0 + 1
+        b -= north
+        b *= wj
+        north += b
+        return north
 
     @staticmethod
     def _diffuse(f: np.ndarray, k: float = 0.04) -> np.ndarray:
         """Light index-space diffusion (longitude periodic, poles untouched)."""
-        out = f + k * (np.roll(f, 1, axis=-1) + np.roll(f, -1, axis=-1) - 2 * f)
-        out[..., 1:-1, :] += k * (f[..., :-2, :] + f[..., 2:, :] - 2 * f[..., 1:-1, :])
-        return out
+        lap = -4.0 * f
+        lap[..., 1:] += f[..., :-1]
+        lap[..., :-1] += f[..., 1:]
+        lap[..., 0] += f[..., -1]
+        lap[..., -1] += f[..., 0]
+        lap[..., 1:-1, :] += f[..., :-2, :]
+        lap[..., 1:-1, :] += f[..., 2:, :]
+        lap[..., [0, -1], :] += 2.0 * f[..., [0, -1], :]             # no meridional flux at poles
+        lap *= k
+        lap += f
+        return lap
 
     def _substep(self, diag: dict[str, np.ndarray]) -> None:
         """Advect and diffuse t and t2m, then relax toward the targets at the new time."""
@@ -353,9 +403,9 @@ class _Model:
         self.hours += self.dt / 3600.0
         decl = _declination(self.hours, self.year_days)
         target = self._surface_target(self.hours, decl, diag["msl"])
-        self.t2m = target + (self.t2m - target) * np.exp(-self.dt / self.tau_sfc)
+        self.t2m = target + (self.t2m - target) * self.keep_sfc
         target = self._air_target(decl)
-        self.t = target + (self.t - target) * np.exp(-self.dt / self.tau_air)
+        self.t = target + (self.t - target) * self.keep_air
 
     def start(self, hours: float) -> None:
         """Initialise near equilibrium and spin up so that ``hours`` starts in a settled state."""

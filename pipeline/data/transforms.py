@@ -16,7 +16,7 @@ import xarray as xr
 from pipeline.config import Data, level_channel
 from pipeline.data.forcings import forcing_field
 from pipeline.data.grid import coarsen_area_weighted
-from pipeline.data.sources import SourceScan
+from pipeline.data.sources import SourceScan, time_label
 from pipeline.errors import SourceError
 
 ROLES = ("prognostic", "derived", "mask", "forcing")
@@ -121,7 +121,8 @@ def apply_nan_policy(channels: dict[str, xr.DataArray], cfg: Data) -> dict[str, 
         elif bad.any():
             t = int(np.argmax(bad.reshape(bad.shape[0], -1).any(axis=1)))
             raise SourceError(
-                f"NaN in variable '{name}' at {da['time'].values[t]} ({int(bad[t].sum())} points)",
+                f"NaN in variable '{name}' at {time_label(da['time'].values[t])} "
+                f"({int(bad[t].sum())} points)",
                 "fix the source, or set data.nan.policy: fill to fill them and store a mask")
     return {**out, **masks}
 
