@@ -173,6 +173,15 @@ def _template(plan: BuildPlan, static: xr.DataArray) -> xr.Dataset:
     )
 
 
+def _static_fields(plan: BuildPlan) -> xr.DataArray:
+    """The transformed static fields, or an empty (0, lat, lon) array when there are none."""
+    if plan.channels.static:
+        return transform_static(load_static(plan.scans, list(plan.channels.static)), plan.data,
+                                plan.channels)
+    return xr.DataArray(np.zeros((0, plan.lat.size, plan.lon.size), np.float32),
+                        dims=("static_channel", "lat", "lon"))
+
+
 def _static_stats(static: xr.DataArray, lat: np.ndarray) -> dict[str, np.ndarray]:
     if static.shape[0] == 0:
         return {"mean": np.zeros(0), "std": np.zeros(0)}
@@ -197,8 +206,7 @@ def init(cfg: Config, plan: BuildPlan) -> bool:
         tmp = Path(plan.store_path.rstrip("/") + ".init-tmp")
         if tmp.exists():
             shutil.rmtree(tmp)  # an init that was killed: nothing in it is worth keeping
-        static = transform_static(load_static(plan.scans, list(plan.channels.static)), plan.data,
-                                  plan.channels)
+        static = _static_fields(plan)
         codec = store.compressors(plan.data.codec.name, plan.data.codec.level)
         store.create(tmp, _template(plan, static), plan.data.shard_size, codec, _attrs(cfg, plan))
         group = store.open_group(tmp, mode="r+")

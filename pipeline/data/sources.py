@@ -86,7 +86,7 @@ def open_file(path: str, source: Source) -> xr.Dataset:
     decode_times = source.time is None
     kwargs: dict[str, Any] = {"engine": engine, "decode_times": decode_times, "cache": False}
     if engine == "zarr":
-        kwargs["consolidated"] = None
+        kwargs["consolidated"] = _has_consolidated_metadata(path)
     try:
         ds = xr.open_dataset(path, **kwargs)
     except Exception as err:  # noqa: BLE001 - any backend failure means an unreadable file
@@ -100,6 +100,17 @@ def open_file(path: str, source: Source) -> xr.Dataset:
         ds = _decode_integer_time(ds, source, path)
     ds = standardise_grid_names(ds, path)
     return normalise_grid(ds)
+
+
+def _has_consolidated_metadata(path: str) -> bool:
+    """Whether a Zarr store has consolidated metadata (asking xarray to guess warns)."""
+    import zarr
+
+    try:
+        group = zarr.open_group(path, mode="r")
+    except Exception:  # noqa: BLE001 - open_dataset reports the real problem
+        return False
+    return getattr(group.metadata, "consolidated_metadata", None) is not None
 
 
 def _decode_integer_time(ds: xr.Dataset, source: Source, path: str) -> xr.Dataset:
@@ -225,10 +236,7 @@ def time_axis(scans: list[SourceScan], cfg: Data) -> pd.Index:
     for scan in scans:
         if scan.source.static:
             continue
-        index = scan.files[0].times
-        for f in scan.files[1:]:
-            index = index.append(f.times)
-        axes.append((scan, index))
+        axes.append((scan, concat_times([f.times for f in scan.files])))
     if not axes:
         raise SourceError("no time-dependent source", "add a source without 'static: true'")
     index = axes[0][1]
@@ -247,11 +255,25 @@ def time_axis(scans: list[SourceScan], cfg: Data) -> pd.Index:
     return index
 
 
+def concat_times(indexes: list[pd.Index]) -> pd.Index:
+    """Join time indexes, keeping a CFTimeIndex (with its calendar) for cftime dates."""
+    joined = indexes[0].append(list(indexes[1:])) if len(indexes) > 1 else indexes[0]
+    if isinstance(indexes[0], xr.CFTimeIndex) and not isinstance(joined, xr.CFTimeIndex):
+        joined = xr.CFTimeIndex(joined)
+    return joined
+
+
 def within(index: pd.Index, start: str | None, end: str | None) -> np.ndarray:
     """Boolean mask of ``index`` within the inclusive, string-given range."""
     positions = np.arange(len(index))
-    selected = xr.DataArray(positions, dims="time", coords={"time": index}).sel(
-        time=slice(start, end))
+    try:
+        selected = xr.DataArray(positions, dims="time", coords={"time": index}).sel(
+            time=slice(start, end))
+    except (ValueError, TypeError, KeyError) as err:
+        calendar = _calendar_of(index) or "standard"
+        raise SourceError(f"time range [{start}, {end}] cannot be compared with the data's "
+                          f"'{calendar}' calendar: {err}",
+                          "give valid dates of that calendar (e.g. no 31st in 360_day)") from None
     mask = np.zeros(len(index), dtype=bool)
     mask[selected.values] = True
     return mask

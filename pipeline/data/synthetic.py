@@ -218,7 +218,7 @@ def _radiative_t(grid: _Grid, decl: float) -> np.ndarray:
 class _Waves:
     """Travelling Rossby-wave packets in msl: amplitudes, wavenumbers, speeds from the seed."""
 
-    def __init__(self, spec: DemoSpec, n_per_hemisphere: int = 4) -> None:
+    def __init__(self, spec: DemoSpec, n_per_hemisphere: int = 5) -> None:
         rng = np.random.default_rng([spec.seed, 2])
         n = 2 * n_per_hemisphere
         self.hemi = np.repeat([1.0, -1.0], n_per_hemisphere)
@@ -248,7 +248,7 @@ class _Waves:
 
 
 class _Model:
-    """State (t on levels, t2m) plus the diagnostics and the time step."""
+    """The state (``state[:-1]``: t on levels, ``state[-1]``: t2m), diagnostics and time step."""
 
     def __init__(self, spec: DemoSpec) -> None:
         self.spec, self.grid = spec, _Grid(spec)
@@ -256,45 +256,55 @@ class _Model:
         self.waves = _Waves(spec)
         self.year_days = _YEAR_DAYS.get(spec.calendar, 365.2425)
         self.p = np.array(spec.levels)[:, None, None] * 100.0          # Pa
-        sigma = np.clip(self.p / 1e5, 0.0, 1.0)
-        self.tau_air = (3.0 + 12.0 * (1.0 - sigma)) * 86400.0          # relaxation, s
-        self.tau_sfc = 86400.0 / (self.land / 0.3 + (1.0 - self.land) / 6.0)
+        self.sigma = self.p / 1e5
+        self.standard = 288.0 * self.sigma**_KAPPA                      # K, standard atmosphere
         decls = [_OBLIQUITY * math.sin(2 * math.pi * k / 48) for k in range(48)]
         self.t_annual = np.mean([_radiative_t(self.grid, d) for d in decls], axis=0)
         self.seasonal = self.land + 0.35 * (1.0 - self.land)            # sea damps the season
         self.diurnal = 1.0 + 11.0 * self.land                           # K, day-night swing
-        n_sub = max(1, math.ceil(spec.step_hours / _MAX_SUBSTEP_HOURS))
-        self.dt = spec.step_hours * 3600.0 / n_sub
-        self.n_sub = n_sub
-        self.keep_sfc = np.exp(-self.dt / self.tau_sfc)                # exact relaxation factors
-        self.keep_air = np.exp(-self.dt / self.tau_air)
-        self.p_kappa = (self.p / 1e5) ** _KAPPA
-        self._set_advection_constants()
+        self.n_sub = max(1, math.ceil(spec.step_hours / _MAX_SUBSTEP_HOURS))
+        self.dt = spec.step_hours * 3600.0 / self.n_sub
+        tau_air = (3.0 + 12.0 * np.clip(1.0 - self.sigma, 0.0, 1.0)) * 86400.0
+        tau_sfc = 86400.0 / (self.land / 0.3 + (1.0 - self.land) / 6.0)
+        self.keep_air = np.exp(-self.dt / tau_air)                      # exact relaxation
+        self.keep_sfc = np.exp(-self.dt / tau_sfc)
+        self._set_wind_constants()
+        shape = (len(spec.levels) + 1, self.grid.ny, self.grid.nx)
+        self.state = np.zeros(shape)
+        self.dj, self.di = np.zeros(shape), np.zeros(shape)             # departure offsets
+        self._work = [np.empty(shape) for _ in range(4)] + [np.empty(shape, np.intp)
+                                                           for _ in range(2)]
         self.hours = math.nan
-        self.t = self.t2m = np.empty(0)
-        self._work: list[np.ndarray] | None = None
 
-    def _set_advection_constants(self) -> None:
-        """Index-space displacement factors: rows move by v dt/(a dphi), columns by u dt/(a cos dlam)."""
+    @property
+    def t(self) -> np.ndarray:
+        return self.state[:-1]
+
+    @property
+    def t2m(self) -> np.ndarray:
+        return self.state[-1]
+
+    def _set_wind_constants(self) -> None:
+        """Geostrophic factors, the large-scale zonal filter, index-space displacements."""
         g, dt = self.grid, self.dt
         self.cu = -g.finv * g.taper / (_A * 2 * g.dphi)          # u = cu * (z[j-1] - z[j+1])
         self.cv = g.finv * g.taper_over_cos / _A                 # v = cv * dz/dlambda
+        self.cj = self.cv * dt / (_A * g.dphi)                   # rows moved, per dz/dlambda
+        self.ci = g.finv * g.taper_over_cos * dt / (_A**2 * 2 * g.dphi * g.dlam)
         m = np.arange(g.nx // 2 + 1)[None, :]
         scale = m * _WIND_SCALE / (_A * np.maximum(g.cos, 1e-9))  # wavenumber * length scale
         self.zonal_filter = np.exp(-0.5 * scale**2)               # Gaussian, exact zero at poles
         self.zonal_deriv = 1j * m * self.zonal_filter
         if g.nx % 2 == 0:
             self.zonal_deriv[:, -1] = 0.0
-        self.cj = self.cv * dt / (_A * g.dphi)
-        self.ci = g.finv * g.taper_over_cos * dt / (_A**2 * 2 * g.dphi * g.dlam)
         self.j_idx = np.arange(g.ny, dtype=np.float64)[:, None]
         self.i_idx = np.arange(g.nx, dtype=np.float64)[None, :]
 
-    def _surface_target(self, hours: float, decl: float, msl: np.ndarray) -> np.ndarray:
+    def _surface_target(self, decl: float, msl: np.ndarray) -> np.ndarray:
         """t2m relaxes toward insolation (season, time of day) mixed with the air above."""
         g = self.grid
         q = _daily_insolation(g.sin, g.cos, decl)
-        hour_angle = 2 * math.pi * (hours % 24.0) / 24.0 + g.lam - math.pi
+        hour_angle = 2 * math.pi * (self.hours % 24.0) / 24.0 + g.lam - math.pi
         cosz = g.sin * math.sin(decl) + g.cos * math.cos(decl) * np.cos(hour_angle)
         rad = (self.t_annual + self.seasonal * (_radiative_t(g, decl) - self.t_annual)
                + self.diurnal * (np.maximum(cosz, 0.0) - q / math.pi))
@@ -302,30 +312,32 @@ class _Model:
         return 0.65 * rad + 0.35 * air - _LAPSE * self.orog
 
     def _air_target(self, decl: float) -> np.ndarray:
-        """Level temperatures relax to a lapse-rate profile over the ground, floored by a stratosphere."""
+        """Air relaxes to a standard lapse-rate profile plus the surface anomaly (fading
+        with height, as observed contrasts do), floored by a stratosphere (smooth max)."""
         g = self.grid
-        trop = (self.t2m + _LAPSE * self.orog) * self.p_kappa
-        strat = 212.0 + 12.0 * g.sin * math.sin(decl) / _OBLIQUITY - 6.0 * g.cos**2
-        gap = trop - strat
-        gap *= gap
-        gap += 16.0
-        np.sqrt(gap, out=gap)
-        gap += trop
-        gap += strat
-        gap *= 0.5
-        return gap                                    # smooth max(trop, strat), 2 K wide
+        trop = (self.t2m + _LAPSE * self.orog - 288.0) * self.sigma
+        trop += self.standard
+        strat = 200.0 + 18.0 * g.sin**2 + 14.0 * g.sin * math.sin(decl) / _OBLIQUITY
+        out = trop - strat
+        out *= out
+        out += 16.0
+        np.sqrt(out, out=out)
+        out += trop
+        out += strat
+        out *= 0.5
+        return out
 
     def diagnose(self) -> dict[str, np.ndarray]:
-        """msl, z, u, v (and index-space wind displacements) from the state at self.hours."""
+        """msl, z and the z gradients of the wind (and the departure offsets) at self.hours."""
         g, decl = self.grid, _declination(self.hours, self.year_days)
         t_sl = self.t2m + _LAPSE * self.orog
         belts = np.abs(np.deg2rad(g.lat)[:, None] - 0.4 * decl)
-        clim = 101100.0 + 900.0 * np.exp(-(((belts - 0.56) / 0.21) ** 2)) - 1300.0 * np.exp(
-            -(((belts - 1.08) / 0.17) ** 2))
-        low = -40.0 * (t_sl - t_sl.mean(axis=1, keepdims=True))
-        msl = clim + low + self.waves.msl(g, self.hours * 3600.0, decl)
+        msl = (101100.0 + 900.0 * np.exp(-(((belts - 0.56) / 0.21) ** 2))
+               - 1300.0 * np.exp(-(((belts - 1.08) / 0.17) ** 2))       # pressure belts
+               - 40.0 * (t_sl - t_sl.mean(axis=1, keepdims=True))        # thermal lows
+               + self.waves.msl(g, self.hours * 3600.0, decl))
         z = np.empty_like(self.t)
-        below_p, below_t, below_z = msl, t_sl, 0.0
+        below_p, below_t, below_z = msl, t_sl, 0.0                     # hydrostatic, upward
         for k in range(len(self.p)):
             z[k] = below_z + _RD * 0.5 * (below_t + self.t[k]) * np.log(below_p / self.p[k])
             below_p, below_t, below_z = self.p[k], self.t[k], z[k]
@@ -333,27 +345,26 @@ class _Model:
         smooth = np.fft.irfft(spectrum * self.zonal_filter, n=g.nx, axis=-1)
         dz_lam = np.fft.irfft(spectrum * self.zonal_deriv, n=g.nx, axis=-1)
         dz_phi = np.zeros_like(z)
-        dz_phi[:, 1:-1] = smooth[:, :-2] - smooth[:, 2:]           # rows run north to south
-        return {"msl": msl, "z": z, "u": self.cu * dz_phi, "v": self.cv * dz_lam,
-                "dj": self.cj * dz_lam, "di": self.ci * dz_phi}
+        np.subtract(smooth[:, :-2], smooth[:, 2:], out=dz_phi[:, 1:-1])   # rows run N to S
+        np.multiply(self.cj, dz_lam, out=self.dj[:-1])
+        np.multiply(self.ci, dz_phi, out=self.di[:-1])
+        np.multiply(self.dj[0], 0.8, out=self.dj[-1])              # t2m moves with the low wind
+        np.multiply(self.di[0], 0.8, out=self.di[-1])
+        return {"msl": msl, "z": z, "dz_phi": dz_phi, "dz_lam": dz_lam}
 
-    def _advect(self, f: np.ndarray, dj: np.ndarray, di: np.ndarray) -> np.ndarray:
-        """Semi-Lagrangian bilinear advection of a (K, ny, nx) stack; longitude wraps.
-
-        ``dj``, ``di``: departure offsets in rows and columns. In-place work on preallocated
-        buffers (fresh 3-D temporaries cost as much as the arithmetic)."""
+    def _advect(self, f: np.ndarray) -> np.ndarray:
+        """Semi-Lagrangian bilinear advection of the state stack by the offsets ``dj``, ``di``
+        (rows, columns; longitude wraps). Works in place on preallocated buffers, because
+        fresh 3-D temporaries cost as much as the arithmetic."""
         ny, nx = self.grid.ny, self.grid.nx
-        if self._work is None or self._work[0].shape != f.shape:
-            self._work = ([np.empty(f.shape) for _ in range(4)]
-                          + [np.empty(f.shape, np.intp) for _ in range(2)])
         wj, wi, a, b, j0, i0 = self._work
         width = nx + 1                                    # one wrapped column: i0 + 1 is valid
         padded = np.concatenate([f, f[..., :1]], axis=-1).ravel()
-        np.add(self.j_idx, dj, out=wj)
+        np.add(self.j_idx, self.dj, out=wj)
         np.clip(wj, 0.0, ny - 1.0, out=wj)
         np.minimum(wj, ny - 2, out=j0, casting="unsafe")  # truncation == floor here
         wj -= j0
-        np.add(self.i_idx, di, out=wi)
+        np.add(self.i_idx, self.di, out=wi)
         np.floor(wi, out=a)
         wi -= a
         i0[...] = a
@@ -394,35 +405,37 @@ class _Model:
         lap += f
         return lap
 
-    def _substep(self, diag: dict[str, np.ndarray]) -> None:
-        """Advect and diffuse t and t2m, then relax toward the targets at the new time."""
-        dj = np.concatenate([diag["dj"], 0.8 * diag["dj"][:1]])   # t2m moves with the low wind
-        di = np.concatenate([diag["di"], 0.8 * diag["di"][:1]])
-        stack = self._diffuse(self._advect(np.concatenate([self.t, self.t2m[None]]), dj, di))
-        self.t, self.t2m = stack[:-1], stack[-1]
+    def _substep(self, msl: np.ndarray) -> None:
+        """Advect and diffuse (offsets from the last diagnose), relax toward the new targets."""
+        self.state = self._diffuse(self._advect(self.state))
         self.hours += self.dt / 3600.0
         decl = _declination(self.hours, self.year_days)
-        target = self._surface_target(self.hours, decl, diag["msl"])
-        self.t2m = target + (self.t2m - target) * self.keep_sfc
+        target = self._surface_target(decl, msl)
+        self.state[-1] -= target
+        self.state[-1] *= self.keep_sfc
+        self.state[-1] += target
         target = self._air_target(decl)
-        self.t = target + (self.t - target) * self.keep_air
+        self.state[:-1] -= target
+        self.state[:-1] *= self.keep_air
+        self.state[:-1] += target
 
     def start(self, hours: float) -> None:
         """Initialise near equilibrium and spin up so that ``hours`` starts in a settled state."""
         self.hours = hours - _SPINUP_DAYS * 24.0
         decl = _declination(self.hours, self.year_days)
-        self.t2m = self.t_annual + self.seasonal * (_radiative_t(self.grid, decl) - self.t_annual)
-        self.t2m = self.t2m - _LAPSE * self.orog
-        self.t = self._air_target(decl) * np.ones((len(self.p), 1, 1))
+        self.state[-1] = self.t_annual + self.seasonal * (_radiative_t(self.grid, decl)
+                                                          - self.t_annual)
+        self.state[-1] -= _LAPSE * self.orog
+        self.state[:-1] = self._air_target(decl)
         for _ in range(round(_SPINUP_DAYS * 24 * 3600 / self.dt)):
-            self._substep(self.diagnose())
-        self.hours = hours   # exact, no float drift
+            self._substep(self.diagnose()["msl"])
+        self.hours = hours                                  # exact, no float drift
 
     def step(self, diag: dict[str, np.ndarray] | None = None) -> None:
-        """Advance by one output step (``diag``: diagnostics of the current state, if known)."""
+        """Advance by one output step (``diag``: from diagnose() of the current state)."""
         h = self.hours
         for _ in range(self.n_sub):
-            self._substep(diag if diag is not None else self.diagnose())
+            self._substep((diag or self.diagnose())["msl"])
             diag = None
         self.hours = h + self.spec.step_hours
 
@@ -460,9 +473,10 @@ def _month_dataset(model: _Model, hours: np.ndarray) -> xr.Dataset:
         if model.hours != h:
             raise RuntimeError(f"model at {model.hours} h, expected {h} h")
         diag = model.diagnose()
-        out["t2m"][i], out["t"][i] = model.t2m, model.t
-        for k in ("msl", "z", "u", "v"):
-            out[k][i] = diag[k]
+        out["t2m"][i], out["t"][i], out["msl"][i], out["z"][i] = (
+            model.t2m, model.t, diag["msl"], diag["z"])
+        np.multiply(model.cu, diag["dz_phi"], out=out["u"][i], casting="same_kind")
+        np.multiply(model.cv, diag["dz_lam"], out=out["v"][i], casting="same_kind")
         model.step(diag)
     dims2, dims3 = ("time", "latitude", "longitude"), ("time", "level", "latitude", "longitude")
     data = {k: (dims3 if a.ndim == 4 else dims2, a, _var_attrs(k)) for k, a in out.items()}

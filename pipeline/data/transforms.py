@@ -171,13 +171,18 @@ def transform_window(ds: xr.Dataset, cfg: Data, plan: ChannelPlan) -> tuple[xr.D
         if name in plan.masks:
             j = n_direct + len(plan.derived) + plan.masks.index(name)
             valid[:, i] = 1.0 - data[:, j]
+    index = {name: i for i, name in enumerate(plan.names)}
+    for d in cfg.derived:  # a derived value is only as valid as its least valid input
+        valid[:, index[d.name]] = np.min([valid[:, index[n]] for n in d.inputs], axis=0)
     out = xr.DataArray(data, dims=("time", "channel", "lat", "lon"),
                        coords={"time": stacked["time"], "channel": plan.names, "lat": lat, "lon": lon})
     return out, valid
 
 
 def transform_static(ds: xr.Dataset, cfg: Data, plan: ChannelPlan) -> xr.DataArray:
-    """Static fields -> ``(static_channel, lat, lon)`` float32, NaNs filled or rejected."""
+    """Static fields -> ``(static_channel, lat, lon)`` float32, NaNs filled or rejected.
+
+    Needs at least one static field (the caller makes the empty array for none)."""
     fields = []
     for name in plan.static:
         da = ds[name].transpose("lat", "lon").astype(np.float64)
@@ -188,9 +193,6 @@ def transform_static(ds: xr.Dataset, cfg: Data, plan: ChannelPlan) -> xr.DataArr
                                   "fix the source, or set data.nan.policy: fill")
             da = da.copy(data=np.where(bad, cfg.nan.fill_value, da.values))
         fields.append(da.expand_dims(static_channel=[name]))
-    if not fields:
-        return xr.DataArray(np.zeros((0, ds.sizes.get("lat", 0), ds.sizes.get("lon", 0)), np.float32),
-                            dims=("static_channel", "lat", "lon"))
     stacked = xr.concat(fields, dim="static_channel")
     stacked = coarsen_area_weighted(stacked.to_dataset(name="x"), cfg.coarsen)["x"]
     return stacked.astype(np.float32)
