@@ -317,7 +317,9 @@ def _first_model(annotation: Any) -> type[BaseModel] | None:
 
 def _format_validation_error(err: ValidationError, origin: str) -> ConfigError:
     """Turn pydantic's report into one line naming the key path and what is allowed."""
-    first = err.errors()[0]
+    errors = err.errors()
+    # A misspelt key also makes its intended key "missing": report the misspelling.
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p in ("Variable", "str")))
     path = ".".join(str(p) for p in loc) or "<root>"
     if first["type"] == "extra_forbidden":

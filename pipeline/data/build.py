@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import shutil
@@ -269,16 +270,23 @@ def build_shard(plan: BuildPlan, shard: int) -> int:
     return shard
 
 
-def _shard_task(plan: BuildPlan, shard: int) -> tuple[int, PipelineError | None]:
+@functools.lru_cache(maxsize=2)
+def _worker_plan(config_json: str) -> BuildPlan:
+    """The build plan, recomputed once per worker process from the config (cheap: a
+    metadata scan), so that no task depends on data that a restarted worker lost."""
+    return make_plan(Config.model_validate_json(config_json))
+
+
+def _shard_task(config_json: str, shard: int) -> tuple[int, PipelineError | None]:
     """The Dask task: a user error comes back as a value, so that workers do not log it
     as a crash with a traceback; the client raises it."""
     try:
-        return build_shard(plan, shard), None
+        return build_shard(_worker_plan(config_json), shard), None
     except PipelineError as err:
         return shard, err
 
 
-def run_shards(plan: BuildPlan, shards: list[int], client: Any) -> None:
+def run_shards(cfg: Config, plan: BuildPlan, shards: list[int], client: Any) -> None:
     """Build the given shards as tasks on a Dask cluster, skipping those already done."""
     group = store.open_group(plan.store_path)
     done = store.done_flags(group)
@@ -290,8 +298,11 @@ def run_shards(plan: BuildPlan, shards: list[int], client: Any) -> None:
         return
     from distributed import as_completed
 
-    plan_future = client.scatter(plan, broadcast=True)
-    futures = client.map(_shard_task, [plan_future] * len(todo), todo, pure=False)
+    sources = [src.model_copy(update={"path": os.path.abspath(src.path)}) for src in cfg.data.sources]
+    absolute = cfg.model_copy(update={"data": cfg.data.model_copy(
+        update={"store": plan.store_path, "sources": sources})})  # workers run elsewhere
+    config_json = absolute.model_dump_json()
+    futures = client.map(_shard_task, [config_json] * len(todo), todo, pure=False)
     with _progress(len(todo)) as advance:
         for future in as_completed(futures):
             shard, error = future.result()
@@ -475,7 +486,7 @@ def preprocess(cfg: Config, part: tuple[int, int] | None = None, append: bool = 
         return f"{path} is already complete; nothing to do"
     shards = list(range(plan.n_shards)) if part is None else shards_of_part(plan.n_shards, *part)
     with dask_client(workers, scheduler, memory_limit) as client:
-        run_shards(plan, shards, client)
+        run_shards(cfg, plan, shards, client)
     if part is not None:
         return f"{path}: part {part[0]}/{part[1]} written ({len(shards)} shards)"
     finalise(cfg, plan)

@@ -22,38 +22,43 @@ def empty(n_channels: int) -> np.ndarray:
     return out
 
 
-def _moments(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Weighted (sum of weights, mean, M2) per channel of x with shape (n, C, Y, X)."""
-    wsum = w.sum(axis=(0, 2, 3))
-    safe = np.where(wsum > 0, wsum, 1.0)
-    mean = (w * x).sum(axis=(0, 2, 3)) / safe
-    m2 = (w * (x - mean[None, :, None, None]) ** 2).sum(axis=(0, 2, 3))
-    return wsum, np.where(wsum > 0, mean, 0.0), m2
+def _moments(x: np.ndarray, w: np.ndarray) -> tuple[float, float, float]:
+    """Weighted (sum of weights, mean, M2) of one channel's values, float64."""
+    wsum = float(w.sum())
+    if wsum <= 0:
+        return 0.0, 0.0, 0.0
+    mean = float((w * x).sum() / wsum)
+    return wsum, mean, float((w * (x - mean) ** 2).sum())
 
 
-def shard_partial(values: np.ndarray, valid: np.ndarray, lat_weights: np.ndarray,
+def shard_partial(values: np.ndarray, valid: np.ndarray | None, lat_weights: np.ndarray,
                   in_values: np.ndarray, in_diffs: np.ndarray) -> np.ndarray:
     """Statistics of one shard's window.
 
-    values, valid: (n, C, Y, X) float arrays of the window.
+    values, valid: (n, C, Y, X) float arrays of the window (valid: 1 where a value
+        counts, 0 where it was filled, fractions after coarsening; None: all count).
     in_values: boolean (n,), steps whose values count (train split, inside the shard).
     in_diffs: boolean (n,), steps i whose difference x[i] - x[i-1] counts.
+    Works channel by channel so that temporaries stay one channel in size.
     """
-    x = values.astype(np.float64)
-    n_channels = x.shape[1]
-    out = empty(n_channels)
-    w = valid.astype(np.float64) * lat_weights[None, None, :, None]
-    if in_values.any():
-        xs, ws = x[in_values], w[in_values]
-        out[0], out[1], out[2] = _moments(xs, ws)
-        counted = ws > 0
-        out[3] = np.where(counted, xs, np.inf).min(axis=(0, 2, 3))
-        out[4] = np.where(counted, xs, -np.inf).max(axis=(0, 2, 3))
-    if in_diffs.any():
-        idx = np.flatnonzero(in_diffs)
-        d = x[idx] - x[idx - 1]
-        dw = np.minimum(w[idx], w[idx - 1])
-        out[5], out[6], out[7] = _moments(d, dw)
+    out = empty(values.shape[1])
+    lat_w = lat_weights.astype(np.float64)[None, :, None]
+    steps = np.flatnonzero(in_values)
+    diff_steps = np.flatnonzero(in_diffs)
+    for c in range(values.shape[1]):
+        x = values[:, c].astype(np.float64)
+        w = (np.broadcast_to(lat_w, x.shape) if valid is None
+             else valid[:, c].astype(np.float64) * lat_w)
+        if steps.size:
+            xs, ws = x[steps], w[steps]
+            out[0, c], out[1, c], out[2, c] = _moments(xs, ws)
+            counted = ws > 0
+            if counted.any():
+                out[3, c], out[4, c] = xs[counted].min(), xs[counted].max()
+        if diff_steps.size:
+            d = x[diff_steps] - x[diff_steps - 1]
+            dw = np.minimum(w[diff_steps], w[diff_steps - 1])
+            out[5, c], out[6, c], out[7, c] = _moments(d, dw)
     return out
 
 

@@ -105,7 +105,7 @@ def select_channels(ds: xr.Dataset, cfg: Data) -> dict[str, xr.DataArray]:
             level_da = da.sel({cfg.level_dim: lev}, method="nearest", tolerance=1e-6 * max(1.0, abs(lev)))
             out[level_channel(var.name, lev)] = level_da.drop_vars(cfg.level_dim).transpose(
                 "time", "lat", "lon")
-    return {k: v.astype(np.float64) for k, v in out.items()}
+    return out
 
 
 def apply_nan_policy(channels: dict[str, xr.DataArray], cfg: Data) -> dict[str, xr.DataArray]:
@@ -116,8 +116,8 @@ def apply_nan_policy(channels: dict[str, xr.DataArray], cfg: Data) -> dict[str, 
     for name, da in channels.items():
         bad = ~np.isfinite(da.values)
         if name in fill:
-            masks[mask_name(name)] = da.copy(data=bad.astype(np.float64))
-            out[name] = da.copy(data=np.where(bad, cfg.nan.fill_value, da.values))
+            masks[mask_name(name)] = da.copy(data=bad.astype(np.float32))
+            out[name] = da.copy(data=np.where(bad, np.float32(cfg.nan.fill_value), da.values))
         elif bad.any():
             t = int(np.argmax(bad.reshape(bad.shape[0], -1).any(axis=1)))
             raise SourceError(
@@ -147,36 +147,44 @@ def add_derived(channels: dict[str, xr.DataArray], cfg: Data) -> dict[str, xr.Da
     return out
 
 
-def transform_window(ds: xr.Dataset, cfg: Data, plan: ChannelPlan) -> tuple[xr.DataArray, np.ndarray]:
+def transform_window(ds: xr.Dataset, cfg: Data,
+                     plan: ChannelPlan) -> tuple[xr.DataArray, np.ndarray | None]:
     """Source window -> stored channels ``(time, channel, lat, lon)`` float32.
 
-    Also returns validity weights of the same shape (1 where every input cell was
-    present, the valid fraction after coarsening), so statistics skip filled values.
+    Also returns validity weights of the same shape where masks exist (1 where every
+    input cell was present, the valid fraction after coarsening; None when all values
+    are valid), so statistics skip filled values. The output is filled channel by
+    channel so that peak memory stays near twice the window's size.
     """
     channels = add_derived(apply_nan_policy(select_channels(ds, cfg), cfg), cfg)
-    stacked = xr.concat([channels[n] for n in [*plan.prognostic, *plan.derived, *plan.masks]],
-                        dim="channel", coords="minimal", compat="override")
-    stacked = stacked.transpose("time", "channel", "lat", "lon")
-    stacked = coarsen_area_weighted(stacked.to_dataset(name="x"), cfg.coarsen)["x"]
-    lat, lon = stacked["lat"].values, stacked["lon"].values
-    arrays = [stacked.values]
-    if plan.forcings:
-        times = stacked["time"]
-        arrays.append(np.stack([forcing_field(f, times, lat, lon) for f in plan.forcings], axis=1))
-    data = np.concatenate(arrays, axis=1).astype(np.float32)
-    valid = np.ones_like(data, dtype=np.float32)
-    n_direct = len(plan.prognostic)
-    for i, channel in enumerate(plan.prognostic):
-        name = mask_name(channel)
-        if name in plan.masks:
-            j = n_direct + len(plan.derived) + plan.masks.index(name)
-            valid[:, i] = 1.0 - data[:, j]
+    direct = [*plan.prognostic, *plan.derived, *plan.masks]
+    first = coarsen_area_weighted(channels[direct[0]].to_dataset(name="x"), cfg.coarsen)["x"]
+    times, lat, lon = first["time"], first["lat"].values, first["lon"].values
+    data = np.empty((times.size, len(plan.names), lat.size, lon.size), dtype=np.float32)
+    for i, name in enumerate(direct):
+        da = channels.pop(name)
+        if cfg.coarsen > 1:
+            da = coarsen_area_weighted(da.astype(np.float64).to_dataset(name="x"), cfg.coarsen)["x"]
+        data[:, i] = da.values
+    for j, name in enumerate(plan.forcings):
+        data[:, len(direct) + j] = forcing_field(name, times, lat, lon)
+    out = xr.DataArray(data, dims=("time", "channel", "lat", "lon"),
+                       coords={"time": times, "channel": plan.names, "lat": lat, "lon": lon})
+    return out, _validity(data, cfg, plan)
+
+
+def _validity(data: np.ndarray, cfg: Data, plan: ChannelPlan) -> np.ndarray | None:
+    """Weights in [0, 1] of each stored value for statistics; None if all are valid."""
+    if not plan.masks:
+        return None
+    valid = np.ones_like(data)
     index = {name: i for i, name in enumerate(plan.names)}
+    for channel in plan.prognostic:
+        if mask_name(channel) in index:
+            valid[:, index[channel]] = 1.0 - data[:, index[mask_name(channel)]]
     for d in cfg.derived:  # a derived value is only as valid as its least valid input
         valid[:, index[d.name]] = np.min([valid[:, index[n]] for n in d.inputs], axis=0)
-    out = xr.DataArray(data, dims=("time", "channel", "lat", "lon"),
-                       coords={"time": stacked["time"], "channel": plan.names, "lat": lat, "lon": lon})
-    return out, valid
+    return valid
 
 
 def transform_static(ds: xr.Dataset, cfg: Data, plan: ChannelPlan) -> xr.DataArray:
