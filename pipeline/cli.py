@@ -36,14 +36,15 @@ def _part(text: str) -> tuple[int, int]:
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
-    from pipeline.data.synthetic import SIZES, demo_spec, write_demo_data
+    from pipeline.data.synthetic import SIZES, demo_spec, ensure_demo_data
 
     if args.size not in SIZES:
         raise PipelineError(f"unknown demo size '{args.size}'", f"choose one of {', '.join(SIZES)}")
     overrides = {"months": args.months} if args.months else {}
-    paths = write_demo_data(Path(args.dir), demo_spec(args.size, **overrides))
+    paths, written = ensure_demo_data(Path(args.dir), demo_spec(args.size, **overrides))
     size = sum(p.stat().st_size for p in paths) / 1e6
-    print(f"wrote {len(paths)} files ({size:.1f} MB) to {args.dir}")
+    verb = "wrote" if written else "kept (already there)"
+    print(f"{verb} {len(paths)} files ({size:.1f} MB) in {args.dir}")
     return 0
 
 

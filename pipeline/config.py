@@ -86,10 +86,13 @@ class NanPolicy(Section):
 
 
 class Codec(Section):
-    """Compression of the stored data."""
+    """Compression of the stored data. The default, Blosc LZ4 with byte shuffle, is
+    chosen for read speed: the training loader decompresses every sample it reads."""
 
-    name: Literal["zstd", "blosc", "none"] = "zstd"
-    level: int = Field(3, ge=0, le=22)
+    name: Literal["blosc", "zstd", "none"] = "blosc"
+    cname: Literal["lz4", "lz4hc", "zstd", "zlib"] = Field("lz4", description="Blosc's inner codec.")
+    level: int = Field(5, ge=0, le=22, description="Compression level (Blosc: 0-9).")
+    shuffle: bool = Field(True, description="Blosc byte shuffle (better ratio for floats).")
 
 
 class Splits(Section):

@@ -208,7 +208,7 @@ def init(cfg: Config, plan: BuildPlan) -> bool:
         if tmp.exists():
             shutil.rmtree(tmp)  # an init that was killed: nothing in it is worth keeping
         static = _static_fields(plan)
-        codec = store.compressors(plan.data.codec.name, plan.data.codec.level)
+        codec = store.compressors(plan.data.codec)
         store.create(tmp, _template(plan, static), plan.data.shard_size, codec, _attrs(cfg, plan))
         group = store.open_group(tmp, mode="r+")
         store.write_statistics(group, {}, _static_stats(static, plan.lat))
@@ -266,7 +266,7 @@ def build_shard(plan: BuildPlan, shard: int) -> int:
     in_diffs = in_values & prev_train
     partial = statistics.shard_partial(values.values, valid, area_weights(plan.lat), in_values,
                                        in_diffs)
-    store.write_shard(plan.store_path, shard, t0, values.values[in_shard], partial)
+    store.write_shard(plan.store_path, shard, t0, values.values[t0 - w0:], partial)
     return shard
 
 

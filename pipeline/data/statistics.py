@@ -31,6 +31,18 @@ def _moments(x: np.ndarray, w: np.ndarray) -> tuple[float, float, float]:
     return wsum, mean, float((w * (x - mean) ** 2).sum())
 
 
+def _row_moments(x: np.ndarray, lat_w: np.ndarray) -> tuple[float, float, float]:
+    """Like :func:`_moments` for weights that vary by latitude only (no masks): sums
+    over time and longitude first, in float64, without a full-size weight array."""
+    n_rows = x.shape[0] * x.shape[2]
+    wsum = float(lat_w.sum()) * n_rows
+    mean = float(lat_w @ x.sum(axis=(0, 2), dtype=np.float64)) / wsum
+    dev = x.astype(np.float64)
+    dev -= mean
+    np.square(dev, out=dev)
+    return wsum, mean, float(lat_w @ dev.sum(axis=(0, 2)))
+
+
 def shard_partial(values: np.ndarray, valid: np.ndarray | None, lat_weights: np.ndarray,
                   in_values: np.ndarray, in_diffs: np.ndarray) -> np.ndarray:
     """Statistics of one shard's window.
@@ -42,21 +54,29 @@ def shard_partial(values: np.ndarray, valid: np.ndarray | None, lat_weights: np.
     Works channel by channel so that temporaries stay one channel in size.
     """
     out = empty(values.shape[1])
-    lat_w = lat_weights.astype(np.float64)[None, :, None]
+    lat_w = lat_weights.astype(np.float64)
     steps = np.flatnonzero(in_values)
     diff_steps = np.flatnonzero(in_diffs)
     for c in range(values.shape[1]):
-        x = values[:, c].astype(np.float64)
-        w = (np.broadcast_to(lat_w, x.shape) if valid is None
-             else valid[:, c].astype(np.float64) * lat_w)
+        x = values[:, c]
+        if valid is None:
+            if steps.size:
+                xs = x[steps]
+                out[0, c], out[1, c], out[2, c] = _row_moments(xs, lat_w)
+                out[3, c], out[4, c] = xs.min(), xs.max()
+            if diff_steps.size:
+                d = x[diff_steps].astype(np.float64) - x[diff_steps - 1]
+                out[5, c], out[6, c], out[7, c] = _row_moments(d, lat_w)
+            continue
+        w = valid[:, c].astype(np.float64) * lat_w[None, :, None]
         if steps.size:
-            xs, ws = x[steps], w[steps]
+            xs, ws = x[steps].astype(np.float64), w[steps]
             out[0, c], out[1, c], out[2, c] = _moments(xs, ws)
             counted = ws > 0
             if counted.any():
                 out[3, c], out[4, c] = xs[counted].min(), xs[counted].max()
         if diff_steps.size:
-            d = x[diff_steps] - x[diff_steps - 1]
+            d = x[diff_steps].astype(np.float64) - x[diff_steps - 1]
             dw = np.minimum(w[diff_steps], w[diff_steps - 1])
             out[5, c], out[6, c], out[7, c] = _moments(d, dw)
     return out

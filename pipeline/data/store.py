@@ -39,12 +39,13 @@ def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def compressors(name: str, level: int) -> tuple[Any, ...]:
-    """Zarr v3 compressor codecs for the configured codec."""
-    if name == "zstd":
-        return (zarr.codecs.ZstdCodec(level=level),)
-    if name == "blosc":
-        return (zarr.codecs.BloscCodec(cname="zstd", clevel=min(level, 9), shuffle="shuffle"),)
+def compressors(codec: Any) -> tuple[Any, ...]:
+    """Zarr v3 compressor codecs for the configured ``data.codec`` section."""
+    if codec.name == "zstd":
+        return (zarr.codecs.ZstdCodec(level=codec.level),)
+    if codec.name == "blosc":
+        return (zarr.codecs.BloscCodec(cname=codec.cname, clevel=min(codec.level, 9),
+                                       shuffle="shuffle" if codec.shuffle else "noshuffle"),)
     return ()
 
 

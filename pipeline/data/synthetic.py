@@ -16,6 +16,7 @@ The model (vectorised numpy, float64 state, substeps of at most 6 h):
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -560,3 +561,26 @@ def write_demo_data(out_dir: Path, spec_or_size: DemoSpec | str) -> list[Path]:
     static = out_dir / "static.nc"
     _write_atomic(static_fields(spec), static, compress)
     return [*paths, static]
+
+
+def ensure_demo_data(out_dir: Path, spec: DemoSpec) -> tuple[list[Path], bool]:
+    """Write the demo data unless ``out_dir`` already holds exactly this spec's files.
+
+    Rewriting would change the files' modification times, which a store built from
+    them records: a second ``make demo`` must find its store still valid. Returns the
+    paths and whether they were written now.
+    """
+    out_dir = Path(out_dir)
+    marker = out_dir / ".demo-spec.json"
+    wanted = json.dumps(asdict(spec), sort_keys=True)
+    if marker.exists():
+        recorded = json.loads(marker.read_text())
+        paths = [out_dir / name for name in recorded.get("files", [])]
+        if json.dumps(recorded.get("spec"), sort_keys=True) == wanted and paths and all(
+                p.exists() for p in paths):
+            return paths, False
+    marker.unlink(missing_ok=True)
+    paths = write_demo_data(out_dir, spec)
+    marker.write_text(json.dumps({"spec": asdict(spec), "files": [p.name for p in paths]},
+                                 sort_keys=True))
+    return paths, True

@@ -101,9 +101,10 @@ def select_channels(ds: xr.Dataset, cfg: Data) -> dict[str, xr.DataArray]:
         if var.levels is None:
             out[var.name] = da.transpose("time", "lat", "lon")
             continue
+        have = ds[cfg.level_dim].values
         for lev in var.levels:
-            level_da = da.sel({cfg.level_dim: lev}, method="nearest", tolerance=1e-6 * max(1.0, abs(lev)))
-            out[level_channel(var.name, lev)] = level_da.drop_vars(cfg.level_dim).transpose(
+            index = int(np.flatnonzero(np.isclose(have, lev))[0])  # presence checked in the plan
+            out[level_channel(var.name, lev)] = da.isel({cfg.level_dim: index}, drop=True).transpose(
                 "time", "lat", "lon")
     return out
 

@@ -1,0 +1,1 @@
+"""Models, the plain training loop, checkpoints and the Ray Train shell."""
