@@ -80,7 +80,7 @@ def test_sigkill_at_random_points_then_resume_is_byte_identical(
 
 @pytest.mark.slow
 def test_larger_than_worker_memory_with_bounded_peak(tmp_path: Path) -> None:
-    """1.5 GB of output through 2 workers limited to 400 MB each (800 MB together)."""
+    """1.5 GB of output through 2 workers limited to 500 MB each (1 GB together)."""
     raw = tmp_path / "raw"
     spec = demo_spec("large", months=2)
     write_demo_data(raw, spec)
@@ -91,7 +91,7 @@ def test_larger_than_worker_memory_with_bounded_peak(tmp_path: Path) -> None:
                               "val": ["2000-02-01", "2000-02-14T18:00"],
                               "test": ["2000-02-15", "2000-02-29T18:00"]})
     config = write_config(tmp_path / "c.yaml", cfg)
-    limit = 400e6
+    limit = 500e6
     result = run_measured([sys.executable, "-m", "pipeline", "preprocess", str(config),
                            "--workers", "2", "--memory-limit", str(int(limit))])
     assert result.returncode == 0, result.stderr[-2000:]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import json
 import logging
 import os
 import shutil
@@ -271,17 +272,26 @@ def build_shard(plan: BuildPlan, shard: int) -> int:
 
 
 @functools.lru_cache(maxsize=2)
-def _worker_plan(config_json: str) -> BuildPlan:
+def _worker_plan(config_json: str, sources_key: str) -> BuildPlan:
     """The build plan, recomputed once per worker process from the config (cheap: a
-    metadata scan), so that no task depends on data that a restarted worker lost."""
-    return make_plan(Config.model_validate_json(config_json))
+    metadata scan), so that no task depends on data that a restarted worker lost.
+    ``sources_key`` (the files' provenance) makes new or changed files a new plan."""
+    plan = make_plan(Config.model_validate_json(config_json))
+    if _sources_key(plan) != sources_key:
+        raise StoreError("source files changed while the store was being built",
+                         "rerun the command once the files are complete")
+    return plan
 
 
-def _shard_task(config_json: str, shard: int) -> tuple[int, PipelineError | None]:
+def _sources_key(plan: BuildPlan) -> str:
+    return json.dumps(_provenance(plan), sort_keys=True)
+
+
+def _shard_task(config_json: str, sources_key: str, shard: int) -> tuple[int, PipelineError | None]:
     """The Dask task: a user error comes back as a value, so that workers do not log it
     as a crash with a traceback; the client raises it."""
     try:
-        return build_shard(_worker_plan(config_json), shard), None
+        return build_shard(_worker_plan(config_json, sources_key), shard), None
     except PipelineError as err:
         return shard, err
 
@@ -302,7 +312,9 @@ def run_shards(cfg: Config, plan: BuildPlan, shards: list[int], client: Any) -> 
     absolute = cfg.model_copy(update={"data": cfg.data.model_copy(
         update={"store": plan.store_path, "sources": sources})})  # workers run elsewhere
     config_json = absolute.model_dump_json()
-    futures = client.map(_shard_task, [config_json] * len(todo), todo, pure=False)
+    key = _sources_key(plan)
+    futures = client.map(_shard_task, [config_json] * len(todo), [key] * len(todo), todo,
+                         pure=False)
     with _progress(len(todo)) as advance:
         for future in as_completed(futures):
             shard, error = future.result()
