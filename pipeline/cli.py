@@ -58,6 +58,24 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.train.loop import PREEMPTED_EXIT_CODE
+    from pipeline.train.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg, address=args.address)
+    if result.preempted:
+        print(f"preempted at step {result.metrics.get('step')}; checkpoint saved in "
+              f"{result.run_dir / 'checkpoints'} (run the same command to continue)")
+        return PREEMPTED_EXIT_CODE
+    val = result.metrics.get("val_loss")
+    print(f"trained {result.run_dir} to step {result.metrics.get('step')}"
+          + (f", val loss {val:.4f} (persistence {result.metrics['val_loss_persistence']:.4f})"
+             if val is not None else ""))
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from pipeline.data.store import summary
 
@@ -87,6 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler")
     p.add_argument("--memory-limit", default=None, help="memory limit per local Dask worker")
     p.set_defaults(func=cmd_preprocess)
+
+    p = sub.add_parser("train", help="train with Ray Train; resumes the run if it exists",
+                       description="Train data-parallel with Ray Train on train.workers workers. "
+                       "Running it again resumes from the latest valid checkpoint. SIGTERM or "
+                       "SIGUSR1 checkpoints and exits with code 75 (requeue).")
+    _add_config(p)
+    p.add_argument("--resume", action="store_true",
+                   help="resume explicitly (the default whenever the run has a checkpoint)")
+    p.add_argument("--address", default=None, help="join an existing Ray cluster (e.g. auto)")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("inspect", help="summarise a training store")
     p.add_argument("store")

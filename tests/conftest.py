@@ -87,3 +87,35 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300,
     """Run ``python -m pipeline ARGS`` and capture its output."""
     return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, text=True,
                           capture_output=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory: pytest.TempPathFactory, tiny_raw: Path) -> Path:
+    """A complete training store of the tiny data, built once per test run."""
+    from pipeline.config import load_config
+    from pipeline.data.build import preprocess
+
+    tmp = tmp_path_factory.mktemp("tiny_store")
+    config = write_config(tmp / "c.yaml", base_config(tiny_raw, tmp / "store.zarr"))
+    preprocess(load_config(config), workers=2)
+    return tmp / "store.zarr"
+
+
+def train_config(store: Path, runs: Path, raw: Path | None = None, **train: Any) -> dict[str, Any]:
+    """A small training config over ``store``; keyword args override train.*."""
+    cfg = base_config(raw or store.parent, store)
+    cfg["runs_dir"] = str(runs)
+    cfg["model"] = {"arch": "unet", "width": 16, "depth": 2}
+    cfg["train"] = {"batch_size": 8, "max_steps": 40, "val_every": 20, "checkpoint_every": 10,
+                    "warmup_steps": 5, "lr": 0.003, "workers": 1, "keep_checkpoints": 10, **train}
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """One local Ray instance for the in-process training tests."""
+    import ray
+
+    ray.init(num_cpus=2, log_to_driver=False)
+    yield
+    ray.shutdown()

@@ -109,7 +109,7 @@ def open_complete(path: str | Path) -> zarr.Group:
         done = done_flags(group)
         raise StoreError(f"training store {path} is incomplete ({int(done.sum())} of {done.size} "
                          "shards written, not finalised)",
-                         "finish it with `pipeline preprocess CONFIG` (it resumes where it stopped)")
+                         "finish it with `pipeline preprocess CONFIG`, which resumes where it stopped")
     return group
 
 

@@ -1,0 +1,138 @@
+"""Checkpoint files: atomic writes, validation on load, the latest valid one wins.
+
+A checkpoint is a folder ``step-00000123/`` holding ``state.pt`` (tensors and plain
+Python values only, loaded with ``weights_only=True``) and ``meta.json``, written last:
+a folder without ``meta.json`` is incomplete. Locally the folder is written under a
+temporary name and renamed; under Ray Train, Ray copies the folder into the run's
+storage under the same name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"
+META_FILE = "meta.json"
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def write_into(folder: Path, state: dict[str, Any], meta: dict[str, Any]) -> None:
+    """Write state then meta (the completeness marker) into an existing folder."""
+    torch.save(state, folder / STATE_FILE)
+    tmp = folder / (META_FILE + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
+    os.replace(tmp, folder / META_FILE)
+
+
+def save(root: Path, step: int, state: dict[str, Any], meta: dict[str, Any]) -> Path:
+    """Write ``root/step-N`` atomically (temporary folder, then rename)."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dir_name(step)
+    tmp = root / f".{step_dir_name(step)}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    write_into(tmp, state, meta)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def load(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read a checkpoint folder; raise :class:`CheckpointError` if it is not usable."""
+    meta_path, state_path = folder / META_FILE, folder / STATE_FILE
+    if not meta_path.is_file() or not state_path.is_file():
+        raise CheckpointError(f"checkpoint {folder} is incomplete (no {META_FILE} or {STATE_FILE})",
+                              "it was interrupted while being written; an older one is used")
+    try:
+        meta = json.loads(meta_path.read_text())
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any decoding failure means a corrupt file
+        raise CheckpointError(f"checkpoint {folder} is corrupt: {type(err).__name__}: "
+                              f"{' '.join(str(err).split())[:160]}", "delete it") from None
+    return state, meta
+
+
+def list_steps(root: Path) -> list[Path]:
+    """Checkpoint folders under ``root``, newest step first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
+    return sorted(found, key=lambda p: p.name, reverse=True)
+
+
+def latest_valid(candidates: list[Path]) -> tuple[Path, dict[str, Any], dict[str, Any]] | None:
+    """The first candidate that loads; corrupt ones are skipped with a warning."""
+    seen: set[Path] = set()
+    for folder in candidates:
+        folder = folder.resolve()
+        if folder in seen:
+            continue
+        seen.add(folder)
+        try:
+            state, meta = load(folder)
+        except CheckpointError as err:
+            log.warning("skipping checkpoint: %s", err.one_line())
+            continue
+        return folder, state, meta
+    return None
+
+
+def prune(root: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints."""
+    for old in list_steps(root)[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export(folder: Path, target: Path) -> None:
+    """Copy a checkpoint folder to ``target`` (e.g. ``best/``), replacing it atomically."""
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(folder, tmp)
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- RNG state
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy and torch RNG states in types that ``weights_only`` loading accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured."""
+    random.setstate((state["python_version"], tuple(state["python"]), None))
+    np_state = state["numpy"]
+    np.random.set_state((np_state["name"], np_state["keys"].numpy().astype(np.uint32),
+                         np_state["pos"], np_state["has_gauss"], np_state["cached"]))
+    torch.set_rng_state(state["torch"])

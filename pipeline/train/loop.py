@@ -1,0 +1,413 @@
+"""The training loop: plain PyTorch, one process, no Ray.
+
+``train_loop(cfg, runtime)`` trains from the store with AdamW, warmup plus cosine
+decay, gradient clipping, bf16 autocast on GPUs, periodic validation with early
+stopping, and checkpoints that resume exactly (model, optimiser, scheduler, step,
+epoch, position in the epoch, RNG states). Where it runs is the ``Runtime``'s
+business: :func:`local_runtime` here, a Ray Train worker in ``trainer.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+
+from pipeline.config import Config, config_hash, resolved_dict
+from pipeline.data.loader import BlockShuffleSampler, ForecastDataset, StoreInfo
+from pipeline.errors import CheckpointError
+from pipeline.train import checkpoint
+from pipeline.train.models import area_weighted_mse, build_model
+
+log = logging.getLogger(__name__)
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the Slurm template requeues the job on it
+
+
+# --------------------------------------------------------------------------- the model step
+
+
+class Stepper(nn.Module):
+    """One forecast step around a network: (history, forcings at the target time,
+    static fields) -> next normalised state of the predicted channels.
+
+    With ``predict_tendency`` the network predicts the change in units of the typical
+    one-step change (``tendency_scale``), which is added to the last input state.
+    """
+
+    def __init__(self, net: nn.Module, outputs: list[int], forcings: list[int],
+                 static: torch.Tensor, tendency_scale: torch.Tensor, predict_tendency: bool):
+        super().__init__()
+        self.net = net
+        self.register_buffer("outputs", torch.tensor(outputs, dtype=torch.long), persistent=False)
+        self.register_buffer("forcings", torch.tensor(forcings, dtype=torch.long), persistent=False)
+        self.register_buffer("static", static, persistent=False)
+        self.register_buffer("scale", tendency_scale[:, None, None], persistent=False)
+        self.predict_tendency = predict_tendency
+
+    def step(self, history: torch.Tensor, target_forcing: torch.Tensor) -> torch.Tensor:
+        """One step: (B, H, C, Y, X) history and (B, C_forcing, Y, X) -> (B, C_out, Y, X)."""
+        b = history.shape[0]
+        x = torch.cat([history.flatten(1, 2), target_forcing,
+                       self.static.expand(b, -1, -1, -1)], dim=1)
+        y = self.net(x)
+        if not self.predict_tendency:
+            return y
+        return history[:, -1, self.outputs] + y * self.scale
+
+    def forward(self, history: torch.Tensor, target_forcings: torch.Tensor) -> torch.Tensor:
+        """Autoregressive rollout (the forward pass, so that DDP sees it):
+        (B, R, C_forcing, Y, X) forcings -> (B, R, C_out, Y, X) predictions."""
+        preds = []
+        for k in range(target_forcings.shape[1]):
+            pred = self.step(history, target_forcings[:, k])
+            preds.append(pred)
+            if k + 1 < target_forcings.shape[1]:
+                nxt = history[:, -1].clone()  # masks persist; outputs and forcings update
+                nxt[:, self.outputs] = pred.to(nxt.dtype)
+                nxt[:, self.forcings] = target_forcings[:, k]
+                history = torch.cat([history[:, 1:], nxt[:, None]], dim=1)
+        return torch.stack(preds, dim=1)
+
+
+def build_stepper(cfg: Config, info: StoreInfo) -> Stepper:
+    """The network sized for the store's channels and grid, wrapped in a Stepper."""
+    layout = info.layout
+    n_channels, n_static = len(layout.channels), info.static.shape[0]
+    in_channels = cfg.train.history * n_channels + len(layout.forcings) + n_static
+    net = build_model(cfg.model, in_channels, len(layout.outputs), (info.lat.size, info.lon.size),
+                      info.periodic_lon)
+    return Stepper(net, list(layout.outputs), list(layout.forcings),
+                   torch.from_numpy(info.normalised_static()),
+                   torch.from_numpy(info.tendency_scale()), cfg.model.predict_tendency)
+
+
+# --------------------------------------------------------------------------- runtime
+
+
+@dataclass
+class Runtime:
+    """How the loop talks to where it runs (one process, or one Ray Train worker)."""
+
+    run_dir: Path
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    prepare_model: Callable[[nn.Module], nn.Module] = lambda m: m
+    # save(step, state, meta, metrics): every rank calls it at the same steps; state is
+    # None except on rank 0. Returns the saved folder on rank 0.
+    save: Callable[[int, dict[str, Any] | None, dict[str, Any], dict[str, Any]], Path | None] = None  # type: ignore[assignment]
+    resume_candidates: Callable[[], list[Path]] = lambda: []
+    stop_requested: Callable[[], bool] = lambda: False
+
+    def all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
+        """Sum (or max) floats over ranks; identity in one process."""
+        if self.world_size == 1 or not dist.is_initialized():
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64)
+        if dist.get_backend() == "nccl":
+            tensor = tensor.to(self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        return tensor.cpu().tolist()
+
+
+def local_runtime(cfg: Config) -> Runtime:
+    """Run in this process: checkpoints go straight to ``<run>/checkpoints/``; SIGTERM or
+    SIGUSR1 asks for a checkpoint and a clean stop."""
+    run_dir = cfg.run_dir().resolve()
+    root = run_dir / "checkpoints"
+    stop = {"flag": False}
+
+    def handler(signum: int, _frame: Any) -> None:
+        log.warning("signal %d: checkpointing and stopping", signum)
+        stop["flag"] = True
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, handler)
+
+    def save(step: int, state: dict | None, meta: dict, _metrics: dict) -> Path | None:
+        folder = checkpoint.save(root, step, state or {}, meta)
+        checkpoint.prune(root, cfg.train.keep_checkpoints)
+        return folder
+
+    device = torch.device("cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu")
+    return Runtime(run_dir=run_dir, device=device, save=save,
+                   resume_candidates=lambda: checkpoint.list_steps(root),
+                   stop_requested=lambda: stop["flag"])
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def lr_lambda(cfg: Config) -> Callable[[int], float]:
+    """Linear warmup, then cosine decay to 10 % of the peak at ``max_steps``."""
+    warmup, total = cfg.train.warmup_steps, cfg.train.max_steps
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def use_bf16(cfg: Config, device: torch.device) -> bool:
+    return device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
+
+
+def memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@dataclass
+class Progress:
+    """Where training is: restored from and saved into checkpoints."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    best_val: float = math.inf
+    evals_without_improvement: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def check_compatible(meta: dict[str, Any], info: StoreInfo, where: Path) -> None:
+    """Refuse a checkpoint trained on another store or other statistics."""
+    store_meta = meta.get("store", {})
+    if store_meta.get("channels") != list(info.layout.channels):
+        raise CheckpointError(f"checkpoint {where} was trained on channels "
+                              f"{store_meta.get('channels')}, the store has "
+                              f"{list(info.layout.channels)}", "use a new run name")
+    if not (np.allclose(store_meta.get("mean", []), info.stats["mean"], rtol=1e-12)
+            and np.allclose(store_meta.get("std", []), info.stats["std"], rtol=1e-12)):
+        raise CheckpointError(f"the store's statistics differ from those of checkpoint {where}",
+                              "the store was rebuilt or recomputed; use a new run name")
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class Batch:
+    inputs: torch.Tensor
+    target_forcings: torch.Tensor
+    targets: torch.Tensor
+
+    @classmethod
+    def to(cls, sample: dict[str, torch.Tensor], device: torch.device) -> Batch:
+        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        return cls(move(sample["inputs"]), move(sample["target_forcings"]), move(sample["targets"]))
+
+
+class Trainer:
+    """The pieces of one training run; ``run()`` is the loop."""
+
+    def __init__(self, cfg: Config, rt: Runtime, stop_at: int | None = None):
+        self.cfg, self.rt, self.stop_at = cfg, rt, stop_at
+        t = cfg.train
+        torch.manual_seed(t.seed)
+        np.random.seed(t.seed)
+        self.info = StoreInfo(cfg.data.store)
+        self.train_set = ForecastDataset(self.info, "train", t.history, t.lead, t.rollout)
+        self.val_set = ForecastDataset(self.info, "val", t.history, t.lead, 1)
+        self.stepper = build_stepper(cfg, self.info).to(rt.device)
+        self.optimizer = torch.optim.AdamW(self.stepper.parameters(), lr=t.lr,
+                                           weight_decay=t.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self.progress = Progress()
+        self.lat_w = torch.from_numpy(self.info.area_weight.astype(np.float32)).to(rt.device)
+        scale = self.stepper.scale.flatten()
+        # the loss compares changes in units of the typical one-step change
+        self.channel_w = (1.0 / scale**2) if cfg.model.predict_tendency else None
+        self.sampler = BlockShuffleSampler(len(self.train_set), t.batch_size, rt.world_size,
+                                           rt.rank, t.shuffle_block, t.seed)
+        self.resumed_from = self._resume()
+        self.model = rt.prepare_model(self.stepper)
+        self.metrics_path = rt.run_dir / "metrics.jsonl"
+
+    # ------------------------------------------------------------------ state
+
+    def state(self) -> dict[str, Any]:
+        return {"model": self.stepper.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": None,
+                "progress": self.progress.as_dict(), "rng": checkpoint.rng_state()}
+
+    def meta(self) -> dict[str, Any]:
+        return {"step": self.progress.step, "epoch": self.progress.epoch,
+                "config": resolved_dict(self.cfg), "config_hash": config_hash(self.cfg),
+                "store": self.info.fingerprint(), "world_size": self.rt.world_size,
+                "channels_out": self.info.layout.output_names}
+
+    def _resume(self) -> Path | None:
+        found = checkpoint.latest_valid(self.rt.resume_candidates())
+        if found is None:
+            return None
+        folder, state, meta = found
+        check_compatible(meta, self.info, folder)
+        self.stepper.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.progress = Progress(**state["progress"])
+        checkpoint.set_rng_state(state["rng"])
+        if self.rt.rank == 0:
+            log.info("resumed from %s (step %d)", folder, self.progress.step)
+        return folder
+
+    # ------------------------------------------------------------------ steps
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        with torch.autocast(self.rt.device.type, dtype=torch.bfloat16,
+                            enabled=use_bf16(self.cfg, self.rt.device)):
+            preds = self.model(batch.inputs, batch.target_forcings)
+        return area_weighted_mse(preds.float().flatten(0, 1), batch.targets.flatten(0, 1),
+                                 self.lat_w, self.channel_w)
+
+    def train_step(self, batch: Batch) -> float:
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, Any]:
+        """Loss, persistence loss and per-channel RMSE (physical units) on the val split,
+        each rank taking every world_size-th sample."""
+        self.stepper.eval()
+        out = self.info.layout.outputs
+        _, std = self.info.normalisation()
+        n_out = len(out)
+        sums = np.zeros(3 + n_out)  # loss*n, persistence*n, n, per-channel squared error
+        for i in range(self.rt.rank, len(self.val_set), self.rt.world_size):
+            s = self.val_set[i]
+            b = Batch.to({k: v[None] for k, v in s.items()}, self.rt.device)
+            with torch.autocast(self.rt.device.type, dtype=torch.bfloat16,
+                                enabled=use_bf16(self.cfg, self.rt.device)):
+                pred = self.stepper.step(b.inputs, b.target_forcings[:, 0]).float()
+            target, last = b.targets[:, 0], b.inputs[:, -1, self.stepper.outputs]
+            sums[0] += float(area_weighted_mse(pred, target, self.lat_w, self.channel_w))
+            sums[1] += float(area_weighted_mse(last, target, self.lat_w, self.channel_w))
+            sums[2] += 1
+            err = ((pred - target) ** 2 * self.lat_w[:, None]).mean(dim=(0, 2, 3))
+            sums[3:] += err.double().cpu().numpy()
+        sums = np.asarray(self.rt.all_reduce(sums.tolist()))
+        n = max(sums[2], 1.0)
+        rmse = np.sqrt(sums[3:] / n) * std[list(out)]
+        names = self.info.layout.output_names
+        return {"val_loss": float(sums[0] / n), "val_loss_persistence": float(sums[1] / n),
+                "val_rmse": {name: float(v) for name, v in zip(names, rmse, strict=True)}}
+
+    # ------------------------------------------------------------------ the loop
+
+    def loader(self) -> DataLoader:
+        t = self.cfg.train
+        workers = t.loader_workers
+        return DataLoader(self.train_set, batch_size=t.batch_size, sampler=self.sampler,
+                          num_workers=workers, pin_memory=self.rt.device.type == "cuda",
+                          persistent_workers=workers > 0,
+                          prefetch_factor=t.prefetch_factor if workers > 0 else None,
+                          drop_last=True)
+
+    def run(self) -> dict[str, Any]:
+        """Train until max_steps, early stopping, or a stop request; return final metrics."""
+        t, p = self.cfg.train, self.progress
+        loader = self.loader()
+        last: dict[str, Any] = {}
+        window = {"wait": 0.0, "total": 0.0, "samples": 0, "loss": 0.0, "steps": 0}
+        stop = p.step >= t.max_steps
+        while not stop:
+            self.sampler.set_epoch(p.epoch, p.batch_in_epoch)
+            tick = time.perf_counter()
+            for sample in loader:
+                got = time.perf_counter()
+                loss = self.train_step(Batch.to(sample, self.rt.device))
+                p.step += 1
+                p.batch_in_epoch += 1
+                done = time.perf_counter()
+                window["wait"] += got - tick
+                window["total"] += done - tick
+                window["samples"] += t.batch_size * self.rt.world_size
+                window["loss"] += loss
+                window["steps"] += 1
+                tick = done
+                stop = self._should_stop()
+                if p.step % t.val_every == 0 or p.step % t.checkpoint_every == 0 or stop:
+                    last = self._evaluate_and_save(window, stop)
+                    window = {k: 0.0 if isinstance(v, float) else 0 for k, v in window.items()}
+                    stop = stop or self._early_stop()
+                if stop:
+                    break
+            else:
+                p.epoch += 1
+                p.batch_in_epoch = 0
+        return last
+
+    def _should_stop(self) -> bool:
+        p = self.progress
+        local = (p.step >= self.cfg.train.max_steps or self.rt.stop_requested()
+                 or (self.stop_at is not None and p.step >= self.stop_at))
+        return bool(self.rt.all_reduce([float(local)], op="max")[0])
+
+    def _early_stop(self) -> bool:
+        patience = self.cfg.train.early_stopping_patience
+        return patience is not None and self.progress.evals_without_improvement >= patience
+
+    def _evaluate_and_save(self, window: dict[str, float], stopping: bool) -> dict[str, Any]:
+        t, p = self.cfg.train, self.progress
+        steps = max(window["steps"], 1)
+        metrics: dict[str, Any] = {
+            "step": p.step, "epoch": p.epoch, "lr": self.scheduler.get_last_lr()[0],
+            "train_loss": self.rt.all_reduce([window["loss"] / steps])[0] / self.rt.world_size,
+            "samples_per_s": window["samples"] / max(window["total"], 1e-9),
+            "data_wait_fraction": window["wait"] / max(window["total"], 1e-9),
+            "memory_mb": memory_mb(self.rt.device),
+        }
+        improved = False
+        if p.step % t.val_every == 0 or stopping:
+            metrics.update(self.validate())
+            improved = metrics["val_loss"] < p.best_val
+            if improved:
+                p.best_val = metrics["val_loss"]
+                p.evals_without_improvement = 0
+            else:
+                p.evals_without_improvement += 1
+        folder = self.rt.save(p.step, self.state() if self.rt.rank == 0 else None, self.meta(),
+                              metrics)
+        if self.rt.rank == 0:
+            if improved and folder is not None:
+                checkpoint.export(folder, self.rt.run_dir / "best")
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            val = f" val {metrics['val_loss']:.4f} (persistence {metrics['val_loss_persistence']:.4f})" \
+                if "val_loss" in metrics else ""
+            log.info("step %d loss %.4f%s | %.1f samples/s, data wait %.0f%%, %.0f MB",
+                     p.step, metrics["train_loss"], val, metrics["samples_per_s"],
+                     100 * metrics["data_wait_fraction"], metrics["memory_mb"])
+        return metrics
+
+
+def train_loop(cfg: Config, rt: Runtime, stop_at: int | None = None) -> dict[str, Any]:
+    """Train in this process (or this Ray worker) and return the last reported metrics."""
+    rt.run_dir.mkdir(parents=True, exist_ok=True)
+    return Trainer(cfg, rt, stop_at).run()

@@ -1,0 +1,162 @@
+"""Ray Train around the plain loop: the only module that imports ``ray.train``.
+
+``train(cfg)`` validates everything it can in the driver (store, splits, model, an
+existing run's checkpoint), then runs ``train_loop`` on ``train.workers`` Ray workers
+with ``TorchTrainer`` (DDP over gloo on CPU, NCCL on GPUs). Checkpoints are reported
+to Ray, which stores them in ``<run>/checkpoints/step-N`` and keeps the newest
+``train.keep_checkpoints``; ``FailureConfig`` restarts failed workers from the latest
+one. Running ``train`` again with the same config resumes the run. SIGTERM/SIGUSR1 to
+the driver ask the workers to checkpoint and stop; ``train`` then returns
+``preempted=True`` and the CLI exits with :data:`PREEMPTED_EXIT_CODE`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Config, config_from_dict, dump_config
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+STOP_FILE = "STOP"
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    metrics: dict[str, Any]
+    preempted: bool
+
+
+def absolute_config(cfg: Config) -> Config:
+    """Paths made absolute: Ray workers run in another working directory."""
+    data = cfg.data.model_copy(update={"store": os.path.abspath(cfg.data.store)})
+    return cfg.model_copy(update={"data": data, "runs_dir": os.path.abspath(cfg.runs_dir)})
+
+
+def preflight(cfg: Config) -> None:
+    """Fail fast in the driver on what would fail in every worker (exit code 2)."""
+    from pipeline.data.loader import BlockShuffleSampler, ForecastDataset, StoreInfo
+    from pipeline.train import checkpoint
+    from pipeline.train.loop import build_stepper, check_compatible
+
+    t = cfg.train
+    info = StoreInfo(cfg.data.store)
+    train_set = ForecastDataset(info, "train", t.history, t.lead, t.rollout)
+    ForecastDataset(info, "val", t.history, t.lead, 1)
+    BlockShuffleSampler(len(train_set), t.batch_size, t.workers)
+    build_stepper(cfg, info)
+    found = checkpoint.latest_valid(checkpoint.list_steps(cfg.run_dir() / "checkpoints"))
+    if found is not None:
+        check_compatible(found[2], info, found[0])
+
+
+def _worker(loop_config: dict[str, Any]) -> None:
+    """The function each Ray Train worker runs."""
+    import ray.train
+    import ray.train.torch
+
+    from pipeline.train import checkpoint
+    from pipeline.train.loop import Runtime, train_loop
+
+    cfg = config_from_dict(loop_config["config"])
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    # Ray forwards worker output to the driver; rank 0 speaks, the others warn only.
+    logging.getLogger("pipeline").setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    run_dir = cfg.run_dir()
+    root = run_dir / "checkpoints"
+
+    def save(step: int, state: dict | None, meta: dict, metrics: dict) -> Path | None:
+        name = checkpoint.step_dir_name(step)
+        report = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
+        if state is None:
+            ray.train.report(report, checkpoint=None, checkpoint_dir_name=name)
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint.write_into(Path(tmp), state, meta)
+            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=name)
+        return root / name
+
+    def candidates() -> list[Path]:
+        latest = ray.train.get_checkpoint()
+        first = [Path(latest.path)] if latest is not None else []
+        return first + checkpoint.list_steps(root)
+
+    runtime = Runtime(run_dir=run_dir, rank=rank, world_size=context.get_world_size(),
+                      device=ray.train.torch.get_device(),
+                      prepare_model=ray.train.torch.prepare_model, save=save,
+                      resume_candidates=candidates,
+                      stop_requested=lambda: (run_dir / STOP_FILE).exists())
+    train_loop(cfg, runtime, stop_at=loop_config.get("stop_at"))
+
+
+def _user_error(err: BaseException) -> PipelineError | None:
+    """A PipelineError anywhere in an exception's chain (Ray wraps worker errors)."""
+    seen = 0
+    while err is not None and seen < 10:
+        if isinstance(err, PipelineError):
+            return err
+        err = err.__cause__ or err.__context__  # type: ignore[assignment]
+        seen += 1
+    return None
+
+
+def train(cfg: Config, address: str | None = None, stop_at: int | None = None) -> TrainResult:
+    """Train (or resume) the run with Ray Train; see the module docstring."""
+    cfg = absolute_config(cfg)
+    preflight(cfg)
+    run_dir = cfg.run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / "config.yaml")
+    stop_file = run_dir / STOP_FILE
+    stop_file.unlink(missing_ok=True)
+
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=True,
+                 **({} if address else {"num_cpus": max(os.cpu_count() or 1,
+                                                        cfg.train.workers * cfg.train.cpus_per_worker)}))
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+
+    def request_stop(signum: int, _frame: Any) -> None:
+        log.warning("signal %d: asking the workers to checkpoint and stop", signum)
+        stop_file.touch()
+
+    for sig in previous:
+        signal.signal(sig, request_stop)
+    t = cfg.train
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "stop_at": stop_at},
+        scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu,
+                                     resources_per_worker={"CPU": t.cpus_per_worker}),
+        run_config=RunConfig(
+            name="checkpoints", storage_path=str(run_dir),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints)),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as err:
+        user = _user_error(err)
+        if user is not None:
+            raise user from None
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    preempted = stop_file.exists()
+    stop_file.unlink(missing_ok=True)
+    return TrainResult(run_dir=run_dir, metrics=dict(result.metrics or {}), preempted=preempted)

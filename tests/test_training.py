@@ -1,0 +1,199 @@
+"""Training: the plain loop, Ray Train with real workers (gloo on CPU), exact resume,
+fault tolerance, checkpoints, and the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+import zarr
+
+from pipeline.config import config_from_dict
+from pipeline.errors import CheckpointError
+from pipeline.train import checkpoint
+from pipeline.train.loop import PREEMPTED_EXIT_CODE, Trainer, local_runtime, train_loop
+from tests.conftest import run_cli, train_config, write_config
+
+pytestmark = pytest.mark.integration
+
+
+def config(store: Path, runs: Path, **train):
+    return config_from_dict(train_config(store, runs, **train))
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    latest = checkpoint.list_steps(run / "checkpoints")[0]
+    return checkpoint.load(latest)[0]["model"]
+
+
+def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+# --------------------------------------------------------------------------- plain loop
+
+
+def test_plain_loop_learns_and_beats_persistence(tiny_store: Path, tmp_path: Path) -> None:
+    cfg = config(tiny_store, tmp_path, max_steps=40)
+    final = train_loop(cfg, local_runtime(cfg))
+    history = metrics(cfg.run_dir())
+    assert [m["step"] for m in history] == [10, 20, 30, 40]
+    assert history[-1]["train_loss"] < 0.8 * history[0]["train_loss"]
+    assert final["val_loss"] < final["val_loss_persistence"]
+    assert set(final["val_rmse"]) == {"t2m", "msl", "t850", "t500", "u850", "v850", "ws850"}
+    assert 0 <= final["data_wait_fraction"] <= 1 and final["samples_per_s"] > 0
+    assert (cfg.run_dir() / "best" / "meta.json").exists()
+
+
+def test_plain_loop_resumes_bitwise_mid_epoch(tiny_store: Path, tmp_path: Path) -> None:
+    whole = config(tiny_store, tmp_path / "whole", max_steps=30)
+    train_loop(whole, local_runtime(whole))
+    parts = config(tiny_store, tmp_path / "parts", max_steps=30)
+    train_loop(parts, local_runtime(parts), stop_at=13)  # 22 batches per epoch: mid-epoch
+    assert checkpoint.list_steps(parts.run_dir() / "checkpoints")[0].name == "step-00000013"
+    train_loop(parts, local_runtime(parts))
+    assert_bitwise_equal(final_weights(whole.run_dir()), final_weights(parts.run_dir()))
+    losses = lambda run: [m["train_loss"] for m in metrics(run) if m["step"] > 20]  # noqa: E731
+    assert losses(whole.run_dir()) == losses(parts.run_dir())
+
+
+def test_corrupt_latest_checkpoint_is_skipped(tiny_store: Path, tmp_path: Path, caplog) -> None:
+    cfg = config(tiny_store, tmp_path, max_steps=20)
+    train_loop(cfg, local_runtime(cfg))
+    latest = cfg.run_dir() / "checkpoints" / "step-00000020"
+    (latest / "state.pt").write_bytes(b"not a checkpoint")
+    longer = config(tiny_store, tmp_path, max_steps=30)
+    trainer = Trainer(longer, local_runtime(longer))
+    assert trainer.resumed_from is not None and trainer.resumed_from.name == "step-00000010"
+    assert "skipping checkpoint" in caplog.text and "corrupt" in caplog.text
+
+
+def test_store_with_other_statistics_is_refused(tiny_store: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store.zarr"
+    shutil.copytree(tiny_store, store)
+    cfg = config(store, tmp_path, max_steps=10)
+    train_loop(cfg, local_runtime(cfg))
+    group = zarr.open_group(str(store), mode="r+")
+    group["mean"][0] = group["mean"][0] + 1.0
+    with pytest.raises(CheckpointError, match="statistics differ"):
+        Trainer(config(store, tmp_path, max_steps=20), local_runtime(cfg))
+
+
+# --------------------------------------------------------------------------- Ray Train
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ray_learns_and_resumes_bitwise(workers: int, tiny_store: Path, tmp_path: Path,
+                                        ray_session: None) -> None:
+    from pipeline.train.trainer import train
+
+    whole = config(tiny_store, tmp_path / "whole", max_steps=30, workers=workers, batch_size=4)
+    result = train(whole)
+    history = metrics(whole.run_dir())
+    assert history[-1]["step"] == 30 and not result.preempted
+    assert history[-1]["train_loss"] < 0.8 * history[0]["train_loss"]
+    assert history[-1]["val_loss"] < history[-1]["val_loss_persistence"]
+    parts = config(tiny_store, tmp_path / "parts", max_steps=30, workers=workers, batch_size=4)
+    train(parts, stop_at=13)
+    assert checkpoint.list_steps(parts.run_dir() / "checkpoints")[0].name == "step-00000013"
+    train(parts)
+    assert_bitwise_equal(final_weights(whole.run_dir()), final_weights(parts.run_dir()))
+    if workers == 1:  # the same loss curve as the loop without Ray
+        plain = config(tiny_store, tmp_path / "plain", max_steps=30, batch_size=4)
+        train_loop(plain, local_runtime(plain))
+        np.testing.assert_allclose([m["train_loss"] for m in metrics(plain.run_dir())],
+                                   [m["train_loss"] for m in history], rtol=1e-6)
+
+
+def _kill_a_worker_when(run: Path, step: int, killed: list[int]) -> None:
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        path = run / "metrics.jsonl"
+        if path.exists() and any(json.loads(line)["step"] >= step
+                                 for line in path.read_text().splitlines()):
+            for proc in psutil.process_iter(["pid", "cmdline"]):
+                if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+                    os.kill(proc.info["pid"], signal.SIGKILL)
+                    killed.append(proc.info["pid"])
+                    return
+        time.sleep(0.2)
+
+
+def test_ray_restarts_a_killed_worker_from_the_latest_checkpoint(
+        tiny_store: Path, tmp_path: Path, ray_session: None) -> None:
+    from pipeline.train.trainer import train
+
+    cfg = config(tiny_store, tmp_path, max_steps=150, workers=2, batch_size=4, max_failures=2)
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_a_worker_when, args=(cfg.run_dir(), 20, killed))
+    killer.start()
+    result = train(cfg)
+    killer.join()
+    assert killed, "no Ray Train worker was found to kill"
+    steps = [m["step"] for m in metrics(cfg.run_dir())]
+    assert result.metrics["step"] == 150 and steps[-1] == 150
+    restarted = [b for a, b in zip(steps, steps[1:], strict=False) if b <= a]
+    assert restarted, f"no step was repeated after the restart: {steps}"
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def test_cli_preemption_checkpoints_exits_75_and_the_rerun_finishes(
+        tiny_store: Path, tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "c.yaml", train_config(tiny_store, tmp_path / "runs",
+                                                         max_steps=2000, checkpoint_every=10))
+    run = tmp_path / "runs" / "test"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", str(cfg)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not checkpoint.list_steps(run / "checkpoints") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
+    assert "preempted at step" in out
+    stopped = int(checkpoint.list_steps(run / "checkpoints")[0].name.split("-")[1])
+    assert 10 <= stopped < 2000
+    result = run_cli("train", str(cfg), "--set", f"train.max_steps={stopped + 10}", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"to step {stopped + 10}" in result.stdout
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("train.batch_size=0", "train.batch_size"),
+    ("train.lead=0", "train.lead"),
+    ("model.arch=transformer", "model.arch"),
+])
+def test_cli_bad_train_values_exit_2(override: str, fragment: str, tiny_store: Path,
+                                     tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "c.yaml", train_config(tiny_store, tmp_path))
+    result = run_cli("train", str(cfg), "--set", override)
+    assert result.returncode == 2 and result.stderr.startswith("error: ")
+    assert fragment in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_cli_incomplete_store_exit_2(tiny_store: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store.zarr"
+    shutil.copytree(tiny_store, store)
+    zarr.open_group(str(store), mode="r+").attrs["complete"] = False
+    cfg = write_config(tmp_path / "c.yaml", train_config(store, tmp_path))
+    result = run_cli("train", str(cfg))
+    assert result.returncode == 2 and "incomplete" in result.stderr
