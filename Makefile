@@ -25,9 +25,13 @@ demo: install
 	$(PIPELINE) demo-data data/demo/raw --size small
 	$(PIPELINE) preprocess configs/demo.yaml
 	$(PIPELINE) inspect data/demo/demo.zarr
+	$(PIPELINE) train configs/demo.yaml
 
 bench: install
-	$(PY) bench/preprocess.py --out bench/results/preprocess.json
+	$(PY) bench/preprocess.py --months 6 --out bench/results/preprocess.json
+	$(PY) -m bench.loader --out bench/results/loader.json
+	$(PY) -m bench.ddp --out bench/results/ddp.json
+	$(PY) -m bench.train_gpu --steps 6 --out bench/results/train_cpu.json
 
 lint: install
 	$(VENV)/bin/ruff check pipeline tests bench

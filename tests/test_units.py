@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from pipeline.config import apply_overrides, config_hash, config_from_dict, load_config
+from pipeline.config import apply_overrides, config_from_dict, config_hash, load_config
 from pipeline.data import statistics
 from pipeline.data.forcings import cos_zenith, forcing_field, toa_insolation
 from pipeline.data.grid import area_weights, lat_bounds, normalise_grid

@@ -38,8 +38,15 @@ from pipeline import __version__
 from pipeline.config import Config, Data, config_hash, resolved_dict
 from pipeline.data import statistics, store
 from pipeline.data.grid import area_weights, coarsen_area_weighted
-from pipeline.data.sources import (SourceScan, load_static, load_window, scan_sources,
-                                   time_axis, time_label, within)
+from pipeline.data.sources import (
+    SourceScan,
+    load_static,
+    load_window,
+    scan_sources,
+    time_axis,
+    time_label,
+    within,
+)
 from pipeline.data.transforms import ChannelPlan, plan_channels, transform_static, transform_window
 from pipeline.errors import PipelineError, SourceError, StoreError
 

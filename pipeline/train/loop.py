@@ -356,6 +356,7 @@ class Trainer:
                     last = self._evaluate_and_save(window, stop)
                     window = {k: 0.0 if isinstance(v, float) else 0 for k, v in window.items()}
                     stop = stop or self._early_stop()
+                    tick = time.perf_counter()  # validation and saving are not data wait
                 if stop:
                     break
             else:
