@@ -74,12 +74,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "pipeline-bench"))
     parser.add_argument("--months", type=int, default=1)
+    parser.add_argument("--store-config", default=None,
+                        help="config of an existing store to use instead of the large one")
     parser.add_argument("--history", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default="bench/results/loader.json")
     args = parser.parse_args()
 
-    cfg = load_config(ensure_store(Path(args.workdir), args.months))
+    cfg = load_config(args.store_config or ensure_store(Path(args.workdir), args.months))
     info = StoreInfo(cfg.data.store)
     dataset = ForecastDataset(info, "train", history=args.history, lead=1)
     sampler = BlockShuffleSampler(len(dataset), 8, seed=0)

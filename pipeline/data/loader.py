@@ -138,7 +138,7 @@ class ForecastDataset(Dataset):
             raise ConfigError(f"split '{split}' is too short for history={history}, lead={lead}, "
                               f"rollout={rollout}", "shorten them or widen the split")
         mean, std = info.normalisation()
-        self._mean, self._std = mean[:, None, None], std[:, None, None]
+        self._mean, self._inv_std = mean[:, None, None], (1.0 / std)[:, None, None]
         self._outputs = np.asarray(self.layout.outputs)
         self._forcings = np.asarray(self.layout.forcings, dtype=np.int64)
         self._array: zarr.Array | None = None
@@ -156,7 +156,9 @@ class ForecastDataset(Dataset):
     def read_steps(self, t: int) -> np.ndarray:
         """The normalised steps ``t - history + 1 .. t + lead * rollout`` in one read."""
         block = self._data()[t - self.history + 1: t + self.lead * self.rollout + 1]
-        return (block - self._mean) / self._std
+        block -= self._mean  # in place: the read returned a fresh array
+        block *= self._inv_std
+        return block
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         t = int(self.times[i])
@@ -164,7 +166,7 @@ class ForecastDataset(Dataset):
         h = self.history
         targets = block[h - 1 + self.lead:: self.lead][: self.rollout]
         return {
-            "inputs": torch.from_numpy(np.ascontiguousarray(block[:h])),
+            "inputs": torch.from_numpy(block[:h]),  # a contiguous view: no copy
             "target_forcings": torch.from_numpy(np.ascontiguousarray(targets[:, self._forcings])),
             "targets": torch.from_numpy(np.ascontiguousarray(targets[:, self._outputs])),
             "index": torch.tensor(t),
