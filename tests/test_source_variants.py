@@ -121,3 +121,15 @@ def test_zarr_source(tiny_raw: Path, tmp_path: Path, dask_scheduler: str) -> Non
                {"path": str(tiny_raw / "static.nc"), "static": True}]
     got = build(tmp_path / "zarr", tiny_raw, dask_scheduler, sources=sources)
     np.testing.assert_array_equal(got["data"].values, reference["data"].values)
+
+
+def test_h5netcdf_engine_and_time_range(tiny_raw: Path, tmp_path: Path, dask_scheduler: str) -> None:
+    reference = build(tmp_path / "ref", tiny_raw, dask_scheduler)
+    sources = [{"path": str(tiny_raw / "demo_*.nc"), "engine": "h5netcdf"},
+               {"path": str(tiny_raw / "static.nc"), "static": True, "engine": "h5netcdf"}]
+    got = build(tmp_path / "h5", tiny_raw, dask_scheduler, sources=sources,
+                start="2000-01-10", end="2000-03-20T18:00")
+    window = reference["data"].sel(time=slice("2000-01-10", "2000-03-20T18:00"))
+    assert got.sizes["time"] == window.sizes["time"] == 4 * (22 + 29 + 20)
+    np.testing.assert_array_equal(got["data"].values, window.values)
+    assert got.attrs["time_start"].startswith("2000-01-10")
