@@ -200,7 +200,10 @@ class Train(Section):
     checkpoint_every: int = Field(50, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
     max_failures: int = Field(2, ge=0)
-    early_stopping_patience: int | None = Field(None, ge=1)
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many validations without improvement.")
+    early_stopping_min_delta: float = Field(
+        0.0, ge=0, description="Relative decrease of val loss that counts as improvement.")
     seed: int = 0
     loader_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     prefetch_factor: int = Field(2, ge=1)

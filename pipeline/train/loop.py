@@ -387,12 +387,14 @@ class Trainer:
         improved = False
         if p.step % t.val_every == 0 or stopping:
             metrics.update(self.validate())
-            improved = metrics["val_loss"] < p.best_val
-            if improved:
-                p.best_val = metrics["val_loss"]
+            val = metrics["val_loss"]
+            if val < p.best_val * (1.0 - t.early_stopping_min_delta):
                 p.evals_without_improvement = 0
             else:
                 p.evals_without_improvement += 1
+            improved = val < p.best_val
+            if improved:
+                p.best_val = val
         folder = self.rt.save(p.step, self.state() if self.rt.rank == 0 else None, self.meta(),
                               metrics)
         if self.rt.rank == 0:
