@@ -119,3 +119,27 @@ def ray_session() -> Iterator[None]:
     ray.init(num_cpus=2, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The real two-node Slurm cluster (tests/slurm_cluster.py), started once per run.
+
+    Installs Debian's slurm-wlm and munge when missing and running as root; with
+    CI=true a missing Slurm fails the run instead of skipping.
+    """
+    import shutil as _shutil
+
+    from tests.slurm_cluster import SlurmCluster, available, install
+
+    if not available():
+        if os.geteuid() == 0 and _shutil.which("apt-get"):
+            install()
+        elif IN_CI:
+            pytest.fail("Slurm is not installed; .ci/run must install slurm-wlm and munge")
+        else:
+            pytest.skip("needs Slurm: apt-get install slurm-wlm munge (as root)")
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    cluster.start()
+    yield cluster
+    cluster.stop()

@@ -1,0 +1,168 @@
+"""A real two-node Slurm cluster on this host, for tests (see DESIGN.md, "Slurm").
+
+Debian's slurm-wlm 22.05 and munge: ``munged`` as the munge user, one ``slurmctld``
+and two ``slurmd`` (nodes ``n1``, ``n2``, both on 127.0.0.1 with their own ports), a
+minimal ``slurm.conf`` without cgroup plugins (these machines have no real cgroups),
+job completion records in a text file. Ports are chosen free at start, so several
+test runs on one host do not collide. ``stop()`` ends exactly the processes that
+``start()`` began.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+PACKAGES = ("slurm-wlm", "munge")
+CONF = """\
+ClusterName=pipelinetest
+SlurmctldHost=localhost
+SlurmctldPort={ctld_port}
+SlurmUser=root
+AuthType=auth/munge
+CredType=cred/munge
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SchedulerType=sched/backfill
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool/%n
+SlurmctldPidFile={root}/slurmctld.pid
+SlurmdPidFile={root}/slurmd-%n.pid
+SlurmctldLogFile={root}/log/slurmctld.log
+SlurmdLogFile={root}/log/slurmd-%n.log
+JobCompType=jobcomp/filetxt
+JobCompLoc={root}/log/jobcomp.txt
+ReturnToService=2
+MpiDefault=none
+KillWait=5
+NodeName=n1 NodeAddr=127.0.0.1 NodeHostname=localhost Port={n1_port} CPUs={cpus} RealMemory=8000 State=UNKNOWN
+NodeName=n2 NodeAddr=127.0.0.1 NodeHostname=localhost Port={n2_port} CPUs={cpus} RealMemory=8000 State=UNKNOWN
+PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+"""
+
+
+def available() -> bool:
+    """Whether the Slurm and munge daemons are installed."""
+    return all(shutil.which(tool) for tool in ("slurmctld", "slurmd", "sbatch", "munged"))
+
+
+def install() -> None:
+    """Install Debian's slurm-wlm and munge (root only)."""
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-qq", *PACKAGES], check=True, env=env,
+                   stdout=subprocess.DEVNULL)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class SlurmCluster:
+    """Start and stop the test cluster; ``env`` carries ``SLURM_CONF`` for clients."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.conf = root / "slurm.conf"
+        self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+        self.processes: list[subprocess.Popen] = []
+        self._logs: list[Any] = []
+
+    def start(self, timeout: float = 60) -> None:
+        for sub in ("state", "log", "spool/n1", "spool/n2"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self.conf.write_text(CONF.format(root=self.root, ctld_port=_free_port(),
+                                         n1_port=_free_port(), n2_port=_free_port(),
+                                         cpus=os.cpu_count() or 2))
+        self._start_munge()
+        self._spawn(["slurmctld", "-D", "-i", "-f", str(self.conf)], "slurmctld")
+        time.sleep(1)
+        for node in ("n1", "n2"):
+            self._spawn(["slurmd", "-D", "-N", node, "-f", str(self.conf)], f"slurmd-{node}")
+        self.wait_idle(timeout)
+
+    def _start_munge(self) -> None:
+        if subprocess.run(["munge", "-n"], capture_output=True).returncode == 0:
+            return  # a munged is already serving this host
+        Path("/run/munge").mkdir(parents=True, exist_ok=True)
+        shutil.chown("/run/munge", "munge", "munge")
+        self._spawn(["runuser", "-u", "munge", "--", "munged", "--foreground"], "munged")
+        for _ in range(50):
+            if subprocess.run(["munge", "-n"], capture_output=True).returncode == 0:
+                return
+            time.sleep(0.1)
+        raise RuntimeError("munged did not start")
+
+    def _spawn(self, cmd: list[str], name: str) -> None:
+        log = open(self.root / "log" / f"{name}.out", "w")  # noqa: SIM115 - closed by stop()
+        self._logs.append(log)
+        self.processes.append(subprocess.Popen(cmd, env=self.env, stdout=log,
+                                               stderr=subprocess.STDOUT, start_new_session=True))
+
+    def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run a Slurm client command against this cluster."""
+        return subprocess.run(list(cmd), env=self.env, capture_output=True, text=True,
+                              check=check, timeout=60)
+
+    def wait_idle(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        states = ""
+        while time.monotonic() < deadline:
+            out = self.run("sinfo", "-h", "-N", "-o", "%N %t", check=False)
+            states = out.stdout.strip()
+            lines = states.splitlines()
+            if len(lines) == 2 and all(line.split()[1] == "idle" for line in lines):
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"Slurm nodes not idle after {timeout:.0f} s: {states!r}; logs in "
+                           f"{self.root / 'log'}")
+
+    def job_state(self, job_id: str) -> dict[str, str]:
+        """``scontrol show job`` as a dict of its Key=Value fields."""
+        out = self.run("scontrol", "show", "job", "-o", job_id).stdout
+        return dict(item.split("=", 1) for item in out.split() if "=" in item)
+
+    def wait_job(self, job_id: str, timeout: float = 120) -> dict[str, str]:
+        """Wait until a job has ended; return its final state fields."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state = self.job_state(job_id)
+            if state.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT",
+                                         "NODE_FAIL", "OUT_OF_MEMORY"):
+                return state
+            time.sleep(0.5)
+        raise TimeoutError(f"job {job_id} still {self.job_state(job_id).get('JobState')}")
+
+    def stop(self) -> None:
+        """Cancel jobs, then end each started daemon's process group (runuser's child too)."""
+        self.run("scancel", "--user", "root", check=False)
+        for proc in reversed(self.processes):
+            _signal_group(proc, signal.SIGTERM)
+        for proc in reversed(self.processes):
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                _signal_group(proc, signal.SIGKILL)
+                proc.wait()
+        self.processes.clear()
+        for log in self._logs:
+            log.close()
+        self._logs.clear()
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
