@@ -10,6 +10,7 @@ test runs on one host do not collide. ``stop()`` ends exactly the processes that
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -162,7 +163,5 @@ class SlurmCluster:
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
