@@ -208,6 +208,7 @@ class Train(Section):
     loader_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     prefetch_factor: int = Field(2, ge=1)
     shuffle_block: int = Field(8, ge=1, description="Time steps per shuffle block.")
+    tensorboard: bool = Field(False, description="Also write metrics to <run>/tensorboard/.")
 
 
 class Evaluate(Section):

@@ -84,6 +84,30 @@ def test_rollout_training_with_fno_and_history(tiny_store: Path, tmp_path: Path)
     assert final["val_loss"] < final["val_loss_persistence"]
 
 
+def read_tensorboard_tags(folder: Path) -> set[str]:
+    """Scalar tags in TensorBoard event files (TFRecord framing around Event protos)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    tags = set()
+    for path in folder.glob("events.out.tfevents.*"):
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            tags.update(v.tag for v in event.summary.value)
+            pos += 12 + length + 4
+    return tags
+
+
+def test_tensorboard_scalars(tiny_store: Path, tmp_path: Path) -> None:
+    cfg = config(tiny_store, tmp_path, max_steps=20, tensorboard=True)
+    train_loop(cfg, local_runtime(cfg))
+    tags = read_tensorboard_tags(cfg.run_dir() / "tensorboard")
+    assert {"train_loss", "val_loss", "val_rmse/t2m", "samples_per_s"} <= tags
+
+
 def test_early_stopping_ends_the_run(tiny_store: Path, tmp_path: Path) -> None:
     # a tiny lr cannot improve validation by 1 %: patience 1 stops at the 2nd evaluation
     cfg = config(tiny_store, tmp_path, max_steps=200, val_every=10, lr=1e-9,
