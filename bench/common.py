@@ -14,8 +14,6 @@ from pipeline.config import load_config
 from pipeline.data.build import preprocess
 from pipeline.data.synthetic import demo_spec, ensure_demo_data
 
-LEVELS_ALL = "all"
-
 
 def bench_config(workdir: Path, months: int, forcings: list[str] | None = None) -> Path:
     """Config of a 1.5-degree store (121 x 240) of every demo variable on every level."""

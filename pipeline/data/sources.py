@@ -329,8 +329,7 @@ def load_window(scans: list[SourceScan], times: pd.Index, names: dict[str, set[s
             continue
         pieces = []
         for entry in scan.files:
-            hit = entry.times.isin(times) if hasattr(entry.times, "isin") else None
-            positions = np.flatnonzero(np.asarray(hit))
+            positions = np.flatnonzero(np.asarray(entry.times.isin(times)))
             if positions.size == 0:
                 continue
             ds = open_file(entry.path, scan.source)

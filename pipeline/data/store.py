@@ -113,12 +113,6 @@ def open_complete(path: str | Path) -> zarr.Group:
     return group
 
 
-def open_dataset(path: str | Path) -> xr.Dataset:
-    """The complete store as an xarray Dataset (lazy, dask-backed)."""
-    open_complete(path)
-    return xr.open_zarr(str(path), consolidated=True)
-
-
 def done_flags(group: zarr.Group) -> np.ndarray:
     """Which shards have been written (and their statistics recorded)."""
     return np.asarray(group["_build/done"][:], dtype=bool)
@@ -172,7 +166,6 @@ def summary(path: str | Path) -> str:
     """A human-readable description of a store (``pipeline inspect``)."""
     group = open_group(path)
     attrs = group.attrs.asdict()
-    ds = xr.open_zarr(str(path), consolidated=None) if attrs.get("complete") else None
     data = group["data"]
     done = done_flags(group)
     channels = channel_names(group)
@@ -195,7 +188,7 @@ def summary(path: str | Path) -> str:
                  f"(frozen since version {attrs.get('statistics_version')})")
     header = f"  {'channel':<14}{'role':<11}{'mean':>12}{'std':>12}{'min':>12}{'max':>12}"
     lines.append(header)
-    stats = statistics(group) if ds is not None else None
+    stats = statistics(group) if attrs.get("complete") else None
     for i, (name, role) in enumerate(zip(channels, roles, strict=True)):
         if stats is None:
             lines.append(f"  {name:<14}{role:<11}")
