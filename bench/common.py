@@ -45,11 +45,11 @@ def bench_config(workdir: Path, months: int, forcings: list[str] | None = None) 
     return path
 
 
-def ensure_store(workdir: Path, months: int = 1) -> Path:
-    """Build (or reuse) the benchmark store; return its config path."""
+def ensure_store(workdir: Path, months: int = 1, workers: int = 2) -> Path:
+    """Build (or reuse) the benchmark store with ``workers`` Dask processes; return its config."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = bench_config(workdir, months)
-    preprocess(load_config(config), workers=2)
+    preprocess(load_config(config), workers=workers)
     return config
 
 

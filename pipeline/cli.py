@@ -60,11 +60,11 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
+    from pipeline.launch import launch_train
     from pipeline.train.loop import PREEMPTED_EXIT_CODE
-    from pipeline.train.trainer import train
 
     cfg = load_config(args.config, args.overrides)
-    result = train(cfg, address=args.address)
+    result = launch_train(cfg, address=args.address)
     if result.preempted:
         print(f"preempted at step {result.metrics.get('step')}; checkpoint saved in "
               f"{result.run_dir / 'checkpoints'} (run the same command to continue)")
@@ -80,6 +80,84 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from pipeline.data.store import summary
 
     print(summary(args.store))
+    return 0
+
+
+def _leads(text: str) -> list[int]:
+    try:
+        leads = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a list of steps like 1,2,4") from None
+    if not leads or min(leads) < 1:
+        raise argparse.ArgumentTypeError(f"leads '{text}' must be positive steps, e.g. 1,2,4")
+    return leads
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pipeline.evaluate.evaluate import evaluate_target
+
+    overrides = list(args.overrides)
+    if args.split:
+        overrides.append(f"evaluate.split={args.split}")
+    if args.leads:
+        overrides.append(f"evaluate.leads={args.leads}")
+    eval_dir = evaluate_target(args.config, overrides)
+    print(f"wrote {eval_dir / 'metrics.json'} and {eval_dir / 'report.html'}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from pipeline.evaluate.forecast import predict
+
+    out = predict(args.checkpoint, args.init, args.steps, args.out, args.config, args.overrides)
+    print(f"wrote a {args.steps}-step forecast from {args.init} to {out}")
+    return 0
+
+
+def cmd_slurm_render(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.slurm import render
+
+    cfg = load_config(args.config, args.overrides)
+    print(render(args.template, cfg, args.config, args.overrides), end="")
+    return 0
+
+
+def cmd_slurm_submit(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.slurm import chain_report, prepare, submit, wait
+
+    cfg = load_config(args.config, args.overrides)
+    jobs = prepare(cfg, args.config, args.overrides, args.stages.split(","))
+    submitted = submit(jobs, dry_run=args.dry_run)
+    for job, job_id, cmd in submitted:
+        if args.dry_run:
+            print(f"would submit {job.stage}: {' '.join(cmd)}")
+        else:
+            print(f"{job.stage:<10} job {job_id:<8} log {job.log}")
+    if args.dry_run:
+        for job, _, _ in submitted:
+            print(f"\n# ---- {job.path}\n{job.script}", end="")
+        return 0
+    print(f"scripts and jobs.json in {jobs[0].path.parent}; a failed stage cancels the rest")
+    if not args.wait:
+        return 0
+    ok, lines = chain_report(wait(submitted))
+    print("\n".join(lines))
+    return 0 if ok else 1
+
+
+def cmd_slurm_schedule(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.slurm import has_scrontab, schedule_entry, schedule_job
+
+    cfg = load_config(args.config, args.overrides)
+    if has_scrontab() and not args.self_submit:
+        print(schedule_entry(cfg, args.config, args.overrides), end="")
+        print("# install: (scrontab -l 2>/dev/null; pipeline slurm schedule ...) | scrontab -",
+              file=sys.stderr)
+        return 0
+    print(schedule_job(cfg, args.config, args.overrides, now=args.now))
     return 0
 
 
@@ -119,6 +197,53 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="summarise a training store")
     p.add_argument("store")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("evaluate", help="score a run against persistence and climatology; "
+                       "plots and an HTML report in <run>/eval/")
+    p.add_argument("config", metavar="CONFIG|RUN_DIR",
+                   help="the run's YAML config, or its run directory (with config.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="override a config value, e.g. evaluate.max_samples=20")
+    p.add_argument("--split", choices=("val", "test"), default=None,
+                   help="split to score (default: evaluate.split)")
+    p.add_argument("--leads", type=_leads, default=None, metavar="1,2,4",
+                   help="lead times in model steps (default: evaluate.leads)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="autoregressive forecast written as a CF-style Zarr dataset")
+    p.add_argument("checkpoint", help="a checkpoint folder (e.g. runs/NAME/best) or a run directory")
+    p.add_argument("--init", required=True, help="initial time, e.g. 2000-03-10T06:00")
+    p.add_argument("--steps", type=int, required=True, help="model steps to forecast")
+    p.add_argument("--out", required=True, help="output Zarr path (e.g. forecast.zarr)")
+    p.add_argument("--config", default=None,
+                   help="config whose data.store to use (default: the checkpoint's own)")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="override a config value, e.g. data.store=other.zarr")
+    p.set_defaults(func=cmd_predict)
+
+    slurm = sub.add_parser("slurm", help="render, submit and schedule Slurm jobs").add_subparsers(
+        dest="slurm_command", required=True, metavar="ACTION")
+    p = slurm.add_parser("render", help="print a job script (preprocess, finalise, train, "
+                         "evaluate, retrain)")
+    p.add_argument("template")
+    _add_config(p)
+    p.set_defaults(func=cmd_slurm_render)
+    p = slurm.add_parser("submit", help="submit the chain preprocess -> finalise -> train -> "
+                         "evaluate with afterok dependencies")
+    _add_config(p)
+    p.add_argument("--stages", default="preprocess,train,evaluate",
+                   help="comma-separated subset of preprocess,train,evaluate")
+    p.add_argument("--dry-run", action="store_true", help="print what would be submitted")
+    p.add_argument("--wait", action="store_true",
+                   help="wait for the chain and report each stage (exit 1 if one failed)")
+    p.set_defaults(func=cmd_slurm_submit)
+    p = slurm.add_parser("schedule", help="scheduled retraining: a scrontab entry, or a job "
+                         "that re-submits itself each period (slurm.retrain_every)")
+    _add_config(p)
+    p.add_argument("--now", action="store_true", help="run the first retraining now")
+    p.add_argument("--self-submit", action="store_true",
+                   help="use the self-submitting job even where scrontab exists")
+    p.set_defaults(func=cmd_slurm_schedule)
     return parser
 
 

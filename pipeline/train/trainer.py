@@ -113,12 +113,30 @@ def _user_error(err: BaseException) -> PipelineError | None:
 def train(cfg: Config, address: str | None = None, stop_at: int | None = None) -> TrainResult:
     """Train (or resume) the run with Ray Train; see the module docstring."""
     cfg = absolute_config(cfg)
+    run_dir = cfg.run_dir()
+    stop_file = run_dir / STOP_FILE
+    stop_file.unlink(missing_ok=True)  # a stop request of an earlier, preempted run
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+
+    def request_stop(signum: int, _frame: Any) -> None:
+        log.warning("signal %d: asking the workers to checkpoint and stop", signum)
+        stop_file.parent.mkdir(parents=True, exist_ok=True)
+        stop_file.touch()
+
+    for sig in previous:  # first: a preemption signal may come at any time
+        signal.signal(sig, request_stop)
+    try:
+        return _fit(cfg, address, stop_at, stop_file)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _fit(cfg: Config, address: str | None, stop_at: int | None, stop_file: Path) -> TrainResult:
     preflight(cfg)
     run_dir = cfg.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
-    stop_file = run_dir / STOP_FILE
-    stop_file.unlink(missing_ok=True)
 
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -128,14 +146,6 @@ def train(cfg: Config, address: str | None = None, stop_at: int | None = None) -
         ray.init(address=address, log_to_driver=True,
                  **({} if address else {"num_cpus": max(os.cpu_count() or 1,
                                                         cfg.train.workers * cfg.train.cpus_per_worker)}))
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-
-    def request_stop(signum: int, _frame: Any) -> None:
-        log.warning("signal %d: asking the workers to checkpoint and stop", signum)
-        stop_file.touch()
-
-    for sig in previous:
-        signal.signal(sig, request_stop)
     t = cfg.train
     trainer = TorchTrainer(
         _worker,
@@ -154,9 +164,6 @@ def train(cfg: Config, address: str | None = None, stop_at: int | None = None) -
         if user is not None:
             raise user from None
         raise
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     preempted = stop_file.exists()
     stop_file.unlink(missing_ok=True)
     return TrainResult(run_dir=run_dir, metrics=dict(result.metrics or {}), preempted=preempted)
