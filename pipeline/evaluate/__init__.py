@@ -1,0 +1,1 @@
+"""Evaluation and forecasts: metrics, climatology, rollouts, plots, report, predict."""

@@ -1,0 +1,148 @@
+"""Climatology of the train split, the reference for anomalies and a baseline.
+
+Sub-monthly data (e.g. 6-hourly) is grouped by (day of year, hour of day), as in
+WeatherBench 2; monthly (or coarser calendar) data by month. The sums and counts per
+group are accumulated in one pass over the train split, a block of time steps at a
+time, in physical units and float64, so memory is bounded by the climatology itself.
+
+Looking up the climatology at a valid time averages the groups of the same hour within
+``window`` days (circular over the year; ``window=1`` is no smoothing). A split shorter
+than a year leaves days without data: those take the nearest day of year that has
+data (same hour), and :attr:`Climatology.filled` counts how often that happened.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+import zarr
+
+from pipeline.errors import ConfigError
+
+BY_DAY = "dayofyear_hour"
+BY_MONTH = "month"
+DAYS_IN_YEAR = {"noleap": 365, "365_day": 365, "360_day": 360}
+
+
+def grouping(frequency: str) -> str:
+    """``dayofyear_hour`` for fixed steps of up to a few weeks, else ``month``."""
+    offset = pd.tseries.frequencies.to_offset(frequency)
+    fixed = isinstance(offset, (pd.offsets.Tick, pd.offsets.Week))
+    return BY_DAY if fixed else BY_MONTH
+
+
+def calendar_keys(times: Any, by: str) -> np.ndarray:
+    """``(n, 2)`` integer keys: (day of year, hour), or (month, 0)."""
+    index = times if isinstance(times, pd.Index) else pd.Index(times)
+    if not isinstance(index, (pd.DatetimeIndex, xr.CFTimeIndex)):
+        index = xr.CFTimeIndex(index) if len(index) and hasattr(index[0], "calendar") \
+            else pd.DatetimeIndex(index)
+    if by == BY_MONTH:
+        return np.stack([np.asarray(index.month), np.zeros(len(index), int)], axis=1).astype(int)
+    return np.stack([np.asarray(index.dayofyear), np.asarray(index.hour)], axis=1).astype(int)
+
+
+def year_length(times: Any) -> int:
+    """Days in the calendar's year (the period of the day-of-year axis)."""
+    calendar = getattr(times, "calendar", None) if isinstance(times, xr.CFTimeIndex) else None
+    return DAYS_IN_YEAR.get(calendar or "standard", 366)
+
+
+@dataclass
+class Climatology:
+    """Sums and counts per calendar group of the predicted channels."""
+
+    by: str
+    keys: np.ndarray  # (K, 2) observed groups
+    sums: np.ndarray  # (K, C, Y, X) float64
+    counts: np.ndarray  # (K,)
+    channels: list[str]
+    window: int = 1
+    period: int = 366
+    lookups: int = 0
+    filled: int = 0
+    _cache: dict[tuple[int, int], np.ndarray] = field(default_factory=dict, repr=False)
+    _filled: set[tuple[int, int]] = field(default_factory=set, repr=False)
+
+    def means(self) -> np.ndarray:
+        """The unsmoothed mean of each observed group, ``(K, C, Y, X)``."""
+        return self.sums / self.counts[:, None, None, None]
+
+    def value(self, key: tuple[int, int]) -> np.ndarray:
+        """The (smoothed) climatology of one group, ``(C, Y, X)`` float64."""
+        self.lookups += 1
+        key = (int(key[0]), int(key[1]))
+        if key not in self._cache:
+            self._cache[key] = self._compute(key)
+        if key in self._filled:
+            self.filled += 1
+        return self._cache[key]
+
+    def _compute(self, key: tuple[int, int]) -> np.ndarray:
+        first, second = key
+        same = self.keys[:, 1] == second
+        if self.by == BY_MONTH:
+            dist = _circular(self.keys[:, 0], first, 12)
+            half = 0
+        else:
+            dist = _circular(self.keys[:, 0], first, self.period)
+            half = self.window // 2
+        pick = same & (dist <= half)
+        if not pick.any():  # no data near this day: the nearest day that has data
+            self._filled.add(key)
+            pool = same if same.any() else np.ones_like(same)
+            score = np.where(pool, dist, np.iinfo(np.int64).max)
+            if not same.any():
+                score = score * 100 + np.abs(self.keys[:, 1] - second)
+            pick = score == score.min()
+        return self.sums[pick].sum(axis=0) / self.counts[pick].sum()
+
+    def at(self, times: Any) -> np.ndarray:
+        """The climatology at each time, ``(T, C, Y, X)`` float64."""
+        keys = calendar_keys(times, self.by)
+        return np.stack([self.value(tuple(k)) for k in keys])
+
+    def summary(self) -> dict[str, Any]:
+        """What metrics.json records about the climatology."""
+        return {"split": "train", "by": self.by, "window_days": self.window,
+                "groups": int(len(self.keys)), "samples": int(self.counts.sum()),
+                "lookups": self.lookups, "filled_from_nearest_day": self.filled}
+
+
+def _circular(values: np.ndarray, target: int, period: int) -> np.ndarray:
+    d = np.abs(values.astype(np.int64) - target) % period
+    return np.minimum(d, period - d)
+
+
+def compute(path: str, times: Any, first: int, last: int, channels: list[int],
+            names: list[str], frequency: str, window: int = 1, block: int = 32) -> Climatology:
+    """One pass over time steps ``first..last`` (inclusive) of the store's ``data``.
+
+    ``channels`` are the indices of the channels to keep; ``block`` time steps are read
+    at a time.
+    """
+    if window < 1 or window % 2 == 0:
+        raise ConfigError(f"evaluate.climatology_window={window} must be an odd number of days",
+                          "use 1 (no smoothing), 15, 31, ...")
+    if last < first:
+        raise ConfigError("the train split is empty: no climatology", "check data.splits.train")
+    by = grouping(frequency)
+    index = times[first:last + 1]
+    keys = calendar_keys(index, by)
+    unique, inverse = np.unique(keys, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    data = zarr.open_array(path, path="data", mode="r")
+    n_lat, n_lon = data.shape[2], data.shape[3]
+    sums = np.zeros((len(unique), len(channels), n_lat, n_lon))
+    counts = np.bincount(inverse, minlength=len(unique)).astype(np.int64)
+    for start in range(first, last + 1, block):
+        stop = min(start + block, last + 1)
+        values = data[start:stop][:, channels].astype(np.float64)
+        groups = inverse[start - first: stop - first]
+        for g in np.unique(groups):
+            sums[g] += values[groups == g].sum(axis=0)
+    return Climatology(by, unique, sums, counts, list(names), window, year_length(index))
