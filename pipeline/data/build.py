@@ -47,7 +47,13 @@ from pipeline.data.sources import (
     time_label,
     within,
 )
-from pipeline.data.transforms import ChannelPlan, plan_channels, transform_static, transform_window
+from pipeline.data.transforms import (
+    ChannelPlan,
+    channel_attributes,
+    plan_channels,
+    transform_static,
+    transform_window,
+)
 from pipeline.errors import PipelineError, SourceError, StoreError
 
 log = logging.getLogger(__name__)
@@ -147,6 +153,7 @@ def _attrs(cfg: Config, plan: BuildPlan) -> dict[str, Any]:
         "data_hash": plan.data_hash(),
         "sources": _provenance(plan),
         "splits": {k: list(v) for k, v in resolved_dict(cfg.data.splits).items()},
+        "channel_attrs": channel_attributes(cfg.data, plan.channels, plan.scans),
         "frequency": cfg.data.frequency,
         "time_start": time_label(plan.times[0]),
         "time_end": time_label(plan.times[-1]),

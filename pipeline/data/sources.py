@@ -50,6 +50,7 @@ class SourceScan:
     files: list[SourceFile] = field(default_factory=list)
     variables: dict[str, tuple[str, ...]] = field(default_factory=dict)  # name -> dims
     levels: dict[str, np.ndarray] = field(default_factory=dict)  # variable -> its levels
+    attributes: dict[str, dict[str, str]] = field(default_factory=dict)  # CF attrs by variable
     lat: np.ndarray | None = None
     lon: np.ndarray | None = None
 
@@ -168,8 +169,12 @@ def scan_source(source: Source, level_dim: str) -> SourceScan:
         for name, var in ds.data_vars.items():
             if {"lat", "lon"} <= set(var.dims):
                 scan.variables.setdefault(str(name), tuple(str(d) for d in var.dims))
+                scan.attributes.setdefault(str(name), cf_attributes(var.attrs))
                 if level_dim in var.dims:
                     scan.levels.setdefault(str(name), np.asarray(ds[level_dim].values))
+                    level_units = ds[level_dim].attrs.get("units")
+                    if level_units:
+                        scan.attributes[str(name)].setdefault("level_units", str(level_units))
         key = entry.times[0] if entry.times is not None and len(entry.times) else 0
         entries.append((key, entry, ds))
         ds.close()
@@ -178,6 +183,11 @@ def scan_source(source: Source, level_dim: str) -> SourceScan:
         _check_times_increasing([e[1] for e in entries])
     scan.files = [e[1] for e in entries]
     return scan
+
+
+def cf_attributes(attrs: dict[str, Any]) -> dict[str, str]:
+    """The descriptive CF attributes of a variable (what the store records per channel)."""
+    return {k: str(attrs[k]) for k in ("units", "long_name", "standard_name") if k in attrs}
 
 
 def _check_grid(scan: SourceScan, ds: xr.Dataset, path: str) -> None:

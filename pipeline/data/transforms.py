@@ -93,6 +93,47 @@ def plan_channels(cfg: Data, scans: list[SourceScan]) -> ChannelPlan:
                        variable_source=tuple(var_source))
 
 
+FORCING_ATTRS = {
+    "cos_zenith": ("1", "cosine of the solar zenith angle"),
+    "toa_insolation": ("W m-2", "top-of-atmosphere incoming solar radiation"),
+    "sin_time_of_day": ("1", "sine of the UTC time of day"),
+    "cos_time_of_day": ("1", "cosine of the UTC time of day"),
+    "sin_year": ("1", "sine of the fraction of the year"),
+    "cos_year": ("1", "cosine of the fraction of the year"),
+}
+
+
+def channel_attributes(cfg: Data, plan: ChannelPlan,
+                       scans: list[SourceScan]) -> dict[str, dict[str, str]]:
+    """CF attributes (units, long_name, standard_name) of every stored channel, from the
+    sources' variables where they have them: what forecasts and reports label values with."""
+    found = {name: attrs for s in scans if not s.source.static
+             for name, attrs in s.attributes.items()}
+    out: dict[str, dict[str, str]] = {}
+    for var in cfg.variable_specs():
+        attrs = dict(found.get(var.name, {}))
+        level_units = attrs.pop("level_units", "")
+        for lev in var.levels or [None]:
+            channel = var.name if lev is None else level_channel(var.name, lev)
+            item = dict(attrs)
+            if lev is not None:
+                item["long_name"] = (f"{attrs.get('long_name', var.name)} at {lev:g}"
+                                     f"{' ' + level_units if level_units else ''}")
+            out[channel] = item
+    for d in cfg.derived:
+        first = out.get(d.inputs[0], {})
+        item = {"long_name": f"{d.function.replace('_', ' ')} of {', '.join(d.inputs)}"}
+        if "units" in first:
+            item["units"] = first["units"]
+        out[d.name] = item
+    for m in plan.masks:
+        out[m] = {"units": "1", "long_name": f"1 where {m.removesuffix('_mask')} was missing"}
+    for f in plan.forcings:
+        units, long_name = FORCING_ATTRS.get(f, ("1", f))
+        out[f] = {"units": units, "long_name": long_name}
+    return out
+
+
 def select_channels(ds: xr.Dataset, cfg: Data) -> dict[str, xr.DataArray]:
     """One (time, lat, lon) float array per prognostic channel (levels split out)."""
     out: dict[str, xr.DataArray] = {}
