@@ -69,6 +69,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"preempted at step {result.metrics.get('step')}; checkpoint saved in "
               f"{result.run_dir / 'checkpoints'} (run the same command to continue)")
         return PREEMPTED_EXIT_CODE
+    if not result.metrics:
+        print(f"this task served as a Ray worker node of {result.run_dir}")
+        return 0
     val = result.metrics.get("val_loss")
     print(f"trained {result.run_dir} to step {result.metrics.get('step')}"
           + (f", val loss {val:.4f} (persistence {result.metrics['val_loss_persistence']:.4f})"
@@ -112,6 +115,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
     out = predict(args.checkpoint, args.init, args.steps, args.out, args.config, args.overrides)
     print(f"wrote a {args.steps}-step forecast from {args.init} to {out}")
     return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.train.loop import PREEMPTED_EXIT_CODE
+    from pipeline.workflows import run
+
+    outcome = run(load_config(args.config, args.overrides))
+    print(outcome.message)
+    return PREEMPTED_EXIT_CODE if outcome.preempted else 0
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.train.loop import PREEMPTED_EXIT_CODE
+    from pipeline.workflows import retrain
+
+    outcome = retrain(load_config(args.config, args.overrides))
+    print(outcome.message)
+    return PREEMPTED_EXIT_CODE if outcome.preempted else 0
 
 
 def cmd_slurm_render(args: argparse.Namespace) -> int:
@@ -220,6 +243,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY=VALUE", help="override a config value, e.g. data.store=other.zarr")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("run", help="the whole chain locally: (demo data,) preprocess, train, "
+                       "evaluate; finished stages are skipped",
+                       description="Preprocess, train and evaluate CONFIG, creating the demo data "
+                       "first when the sources are in data/demo/raw. Stages already done (a "
+                       "complete store, a run at train.max_steps, a current evaluation) are "
+                       "skipped, so running it again is cheap. The report is "
+                       "<runs_dir>/<name>/eval/report.html.")
+    _add_config(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("retrain", help="append new data, warm-start from the champion, "
+                       "evaluate, register, promote only if better",
+                       description="Scheduled retraining: append the sources' new time steps to "
+                       "the store, train <name>-v<dataset version> from the champion's weights, "
+                       "evaluate it, register it in <registry.path>/<name>/ and promote it if it "
+                       "beats the champion on registry.metric at registry.lead by "
+                       "registry.min_improvement. Without new data it does nothing.")
+    _add_config(p)
+    p.set_defaults(func=cmd_retrain)
 
     slurm = sub.add_parser("slurm", help="render, submit and schedule Slurm jobs").add_subparsers(
         dest="slurm_command", required=True, metavar="ACTION")

@@ -166,11 +166,40 @@ def ray_start_command(alloc: Allocation, node: str, port_base: int, head_address
     return cmd
 
 
-def job_environment() -> dict[str, str]:
-    """Environment for this job's Ray processes: a per-job token, set once per job."""
+def token_file(run_dir: Path, job_id: str) -> Path:
+    """Where the tasks of an srun step share their job's Ray token (readable by the user only)."""
+    return run_dir / f".ray-token-{job_id}"
+
+
+def job_environment(shared: Path | None = None, create: bool = True) -> dict[str, str]:
+    """Environment for this job's Ray processes, with a random per-job token.
+
+    The token is inherited from the batch script when set; tasks of one srun step, which
+    cannot inherit it from each other, share it through ``shared`` (a 0600 file on the
+    shared run directory): task 0 ``create``s it, the others wait for it.
+    """
     env = dict(os.environ)
     env["RAY_AUTH_MODE"] = "token"
-    env.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    if "RAY_AUTH_TOKEN" in env:
+        return env
+    if shared is None:
+        env["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    elif create:
+        env["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+        shared.parent.mkdir(parents=True, exist_ok=True)
+        tmp = shared.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(env["RAY_AUTH_TOKEN"])
+        tmp.rename(shared)
+    else:
+        deadline = time.monotonic() + 120
+        while not shared.exists():
+            if time.monotonic() > deadline:
+                raise LaunchError(f"no Ray token from task 0 at {shared}",
+                                  "the run directory must be on storage shared by all nodes")
+            time.sleep(0.5)
+        env["RAY_AUTH_TOKEN"] = shared.read_text().strip()
     return env
 
 
@@ -183,9 +212,11 @@ class RayCluster:
         port = ray_ports(cfg.slurm.port_base, alloc.job_id, alloc.slot(alloc.this_node))["port"]
         self.address = f"{self.head_ip}:{port}"
         self.processes: list[subprocess.Popen] = []
+        self.token_path = token_file(cfg.run_dir(), alloc.job_id)
 
     def start(self) -> None:
-        os.environ.update(job_environment())  # the driver and the srun steps inherit it
+        shared = self.token_path if self.alloc.in_step else None
+        os.environ.update(job_environment(shared))  # the driver and srun steps inherit it
         head = ray_start_command(self.alloc, self.alloc.this_node, self.cfg.slurm.port_base,
                                  None, self.head_ip)
         log.info("starting the Ray head on %s (%s)", self.alloc.this_node, self.address)
@@ -251,6 +282,7 @@ class RayCluster:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        self.token_path.unlink(missing_ok=True)
 
 
 def describe_cluster() -> None:
@@ -302,7 +334,10 @@ def launch_train(cfg: Config, address: str | None = None) -> Any:
             requeue(alloc)
         return result
     if alloc.in_step and alloc.proc_id > 0:
-        run_worker(alloc, cfg.slurm.port_base, head_address(alloc, cfg.slurm.port_base))
+        # a Ray worker node until the head goes away; task 0 reports the training
+        run_worker(alloc, cfg.slurm.port_base, head_address(alloc, cfg.slurm.port_base),
+                   replace=False, token=token_file(cfg.run_dir(), alloc.job_id))
+        return TrainResult(run_dir=cfg.run_dir(), metrics={}, preempted=False)
     cfg = resources_overrides(cfg, alloc)
     log.info("Slurm job %s: %d nodes (%s), %d CPUs and %d GPUs per node -> %d Ray Train "
              "workers", alloc.job_id, len(alloc.nodes), ",".join(alloc.nodes),
@@ -332,9 +367,12 @@ def head_address(alloc: Allocation, port_base: int) -> str:
     return f"{node_address(alloc.nodes[0])}:{port}"
 
 
-def run_worker(alloc: Allocation, port_base: int, head: str) -> None:
-    """Become the Ray worker node of this Slurm node (replaces this process)."""
-    env = job_environment()
+def run_worker(alloc: Allocation, port_base: int, head: str, replace: bool = True,
+               token: Path | None = None) -> None:
+    """Run the Ray worker node of this Slurm node until the cluster stops: in place of
+    this process (``replace``; an srun step the head ends), or as a child whose exit,
+    when the head has gone, is the normal end of an srun task."""
+    env = job_environment(token, create=False)
     cmd = ray_start_command(alloc, alloc.this_node, port_base, head,
                             node_address(alloc.this_node))
     deadline = time.monotonic() + 120
@@ -348,7 +386,12 @@ def run_worker(alloc: Allocation, port_base: int, head: str) -> None:
                 raise LaunchError(f"no Ray head answers at {head}",
                                   "see the job log for the head's errors") from None
             time.sleep(1)
-    os.execvpe(cmd[0], cmd, env)
+    if replace:
+        os.execvpe(cmd[0], cmd, env)
+    # this node lives only as long as the head: notice its end in 15 s rather than 60
+    env.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", "15")
+    code = subprocess.run(cmd, env=env).returncode
+    log.info("Ray worker node on %s ended (exit code %d)", alloc.this_node, code)
 
 
 def main(argv: list[str] | None = None) -> int:

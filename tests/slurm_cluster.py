@@ -27,6 +27,8 @@ SlurmctldHost=localhost
 SlurmctldPort={ctld_port}
 SlurmUser=root
 AuthType=auth/munge
+# requeued jobs wait until the old job credential expires (default 120 s): shorten it
+AuthInfo=cred_expire=10
 CredType=cred/munge
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none

@@ -1,0 +1,161 @@
+"""The Slurm stage on the real two-node test cluster (tests/slurm_cluster.py).
+
+``pipeline slurm submit`` runs the chain as real jobs: the preprocess array and its
+finalise job, a 2-node Ray training job (one Ray node per Slurm node, one CPU worker
+each) and the evaluation. A failed stage cancels the rest; a training job that gets
+its time-limit signal checkpoints, requeues itself and finishes; the scheduled
+retraining job re-submits itself for the next period.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import base_config, write_config
+
+pytestmark = [pytest.mark.slurm, pytest.mark.integration, pytest.mark.slow]
+
+
+def slurm_config(tmp: Path, raw: Path, **slurm: Any) -> dict[str, Any]:
+    cfg = base_config(raw, tmp / "store.zarr")
+    cfg["name"] = "slurm"
+    cfg["runs_dir"] = str(tmp / "runs")
+    cfg["model"] = {"arch": "unet", "width": 16, "depth": 2}
+    cfg["train"] = {"batch_size": 8, "max_steps": 30, "val_every": 15, "checkpoint_every": 15,
+                    "warmup_steps": 5, "lr": 0.003, "cpus_per_worker": 1}
+    cfg["evaluate"] = {"leads": [1, 2], "max_samples": 8}
+    cfg["slurm"] = {"nodes": 2, "cpus_per_task": 1, "preprocess_parts": 2, "time": "15:00",
+                    "command": f"{sys.executable} -m pipeline", "node_timeout": 120, **slurm}
+    return cfg
+
+
+def cli(cluster: Any, *args: str, cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=cluster.env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def job_ids(stdout: str) -> dict[str, str]:
+    return dict(re.findall(r"^(\w+)\s+job (\d+)", stdout, flags=re.M))
+
+
+def test_the_whole_chain_runs_on_two_nodes(slurm_cluster, tiny_raw: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "c.yaml", slurm_config(tmp_path, tiny_raw))
+    out = cli(slurm_cluster, "slurm", "submit", str(config), "--wait", cwd=tmp_path)
+    logs = tmp_path / "runs" / "slurm" / "slurm"
+    detail = out.stdout + out.stderr + "".join(p.read_text() for p in sorted(logs.glob("*.out")))
+    assert out.returncode == 0, detail
+    ids = job_ids(out.stdout)
+    assert list(ids) == ["preprocess", "finalise", "train", "evaluate"], out.stdout
+    assert out.stdout.count("COMPLETED") >= 4, out.stdout
+
+    # the preprocess array ran one task per part, and the store is complete
+    assert len(list(logs.glob("slurm-preprocess-*_*.out"))) == 2
+    import zarr
+
+    assert zarr.open_group(tmp_path / "store.zarr", mode="r").attrs["complete"] is True
+    # training ran on both Slurm nodes with one Ray worker each and reached its steps
+    train_log = (logs / f"slurm-train-{ids['train']}.out").read_text()
+    assert "2 nodes (n1,n2)" in train_log and "-> 2 Ray Train workers" in train_log, train_log
+    assert re.search(r"node n1 at \S+: 1 CPUs", train_log) and re.search(
+        r"node n2 at \S+: 1 CPUs", train_log), train_log
+    run = tmp_path / "runs" / "slurm"
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["step"] == 30
+    assert (run / "checkpoints" / "step-00000030" / "meta.json").exists()
+    assert (run / "best").exists()
+    # evaluation ran after training, on its checkpoint
+    evaluation = json.loads((run / "eval" / "metrics.json").read_text())
+    assert evaluation["records"] and all(r["rmse"] >= 0 for r in evaluation["records"])
+    assert json.loads((logs / "jobs.json").read_text())["jobs"][2]["id"] == ids["train"]
+
+
+def test_a_failed_stage_cancels_the_rest_and_says_so(slurm_cluster, tiny_raw: Path,
+                                                     tmp_path: Path) -> None:
+    cfg = slurm_config(tmp_path, tiny_raw)
+    cfg["data"]["sources"][0]["path"] = str(tmp_path / "missing" / "*.nc")
+    config = write_config(tmp_path / "c.yaml", cfg)
+    out = cli(slurm_cluster, "slurm", "submit", str(config), "--wait", cwd=tmp_path)
+    assert out.returncode == 1, out.stdout + out.stderr
+    lines = dict(re.findall(r"^(\w+)\s+job \d+\s+(.*)$", out.stdout, flags=re.M))
+    assert lines["preprocess"].startswith("FAILED"), out.stdout
+    for stage in ("finalise", "train", "evaluate"):
+        assert lines[stage].startswith("CANCELLED") and "not run because preprocess" in \
+            lines[stage], out.stdout
+    logs = tmp_path / "runs" / "slurm" / "slurm"
+    part_log = next(logs.glob("slurm-preprocess-*_1.out")).read_text()
+    assert "error: " in part_log and "missing" in part_log  # the user's error, one line
+    assert not (tmp_path / "runs" / "slurm" / "checkpoints").exists()
+    assert not list(logs.glob("slurm-train-*.out"))  # never started
+
+
+def test_the_time_limit_signal_checkpoints_requeues_and_finishes(slurm_cluster, tiny_store: Path,
+                                                                 tmp_path: Path) -> None:
+    """A 4-minute limit with --signal=B:USR1@120: Slurm signals 60-90 s after the start
+    (it checks every 30 s), each run checkpoints and requeues, the last one finishes."""
+    cfg = slurm_config(tmp_path, tiny_store.parent, nodes=1, cpus_per_task=2, time="4",
+                       signal_seconds=120)
+    cfg["data"]["store"] = str(tiny_store)
+    cfg["train"].update(max_steps=2500, val_every=500, checkpoint_every=500, workers=1)
+    config = write_config(tmp_path / "c.yaml", cfg)
+    out = cli(slurm_cluster, "slurm", "submit", str(config), "--stages", "train", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    job = job_ids(out.stdout)["train"]
+    state = slurm_cluster.wait_job(job, timeout=900)
+    log = next((tmp_path / "runs" / "slurm" / "slurm").glob(f"slurm-train-{job}.out")).read_text()
+    assert state["JobState"] == "COMPLETED", log
+    assert int(state["Restarts"]) >= 1, log  # requeued at least once
+    assert "asking the workers to checkpoint and stop" in log and "requeued" in log, log
+    assert "resumed from" in log, log
+    run = tmp_path / "runs" / "slurm"
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 2500 and steps == sorted(steps), steps
+
+
+def test_scheduled_retraining_queues_its_next_run(slurm_cluster, tiny_raw: Path,
+                                                  tmp_path: Path) -> None:
+    config = write_config(tmp_path / "c.yaml",
+                          slurm_config(tmp_path, tiny_raw, retrain_every="2h"))
+    out = cli(slurm_cluster, "slurm", "schedule", str(config), "--now", "--self-submit",
+              cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    first = re.search(r"retraining job (\d+) queued to start now", out.stdout).group(1)
+    started = time.time()
+    slurm_cluster.wait_job(first, timeout=300)
+    pending = slurm_cluster.run("squeue", "--noheader", "--name", "slurm-retrain", "--states",
+                                "PENDING", "--format", "%i").stdout.split()
+    assert len(pending) == 1, pending
+    state = slurm_cluster.job_state(pending[0])
+    assert state["JobState"] == "PENDING" and state["Reason"] == "BeginTime"
+    begin = time.mktime(time.strptime(state["StartTime"], "%Y-%m-%dT%H:%M:%S"))
+    assert abs(begin - (started + 2 * 3600)) < 120, state["StartTime"]
+    assert state["Command"].endswith("retrain.sbatch")
+    slurm_cluster.run("scancel", pending[0])
+
+
+def test_train_under_srun_uses_one_task_per_node(slurm_cluster, tiny_store: Path,
+                                                 tmp_path: Path) -> None:
+    """The same command inside ``srun``: task 0 is head and driver, task 1 a Ray node."""
+    cfg = slurm_config(tmp_path, tiny_store.parent)
+    cfg["data"]["store"] = str(tiny_store)
+    cfg["train"].update(max_steps=10, val_every=10, checkpoint_every=10)
+    config = write_config(tmp_path / "c.yaml", cfg)
+    log = tmp_path / "srun.out"
+    command = f"srun {sys.executable} -m pipeline train {config}"
+    job = slurm_cluster.run("sbatch", "--parsable", "-N", "2", "--ntasks-per-node", "1",
+                            "--cpus-per-task", "1", "-o", str(log), "--chdir", str(tmp_path),
+                            "--wrap", command).stdout.strip()
+    state = slurm_cluster.wait_job(job, timeout=400)
+    text = log.read_text()
+    assert state["JobState"] == "COMPLETED", text
+    assert "-> 2 Ray Train workers" in text and "served as a Ray worker node" in text, text
+    assert re.search(r"node n2 at \S+: 1 CPUs", text), text
+    metrics = (tmp_path / "runs" / "slurm" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(metrics[-1])["step"] == 10
