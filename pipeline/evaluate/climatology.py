@@ -28,10 +28,22 @@ BY_MONTH = "month"
 DAYS_IN_YEAR = {"noleap": 365, "365_day": 365, "360_day": 360}
 
 
-def grouping(frequency: str) -> str:
-    """``dayofyear_hour`` for fixed steps of up to a few weeks, else ``month``."""
+def step_duration(frequency: str) -> pd.Timedelta | None:
+    """The fixed length of a time step (hours, days, weeks), or None for calendar steps
+    such as months, whose length varies."""
     offset = pd.tseries.frequencies.to_offset(frequency)
-    fixed = isinstance(offset, (pd.offsets.Tick, pd.offsets.Week))
+    if isinstance(offset, pd.offsets.Week) and offset.weekday is None:
+        return pd.Timedelta(weeks=offset.n)
+    try:
+        return pd.Timedelta(offset)
+    except (TypeError, ValueError):
+        return None
+
+
+def grouping(frequency: str) -> str:
+    """``dayofyear_hour`` for fixed steps (hours, days, weeks), else ``month``."""
+    offset = pd.tseries.frequencies.to_offset(frequency)
+    fixed = step_duration(frequency) is not None or isinstance(offset, pd.offsets.Week)
     return BY_DAY if fixed else BY_MONTH
 
 
@@ -43,7 +55,7 @@ def calendar_keys(times: Any, by: str) -> np.ndarray:
             else pd.DatetimeIndex(index)
     if by == BY_MONTH:
         return np.stack([np.asarray(index.month), np.zeros(len(index), int)], axis=1).astype(int)
-    return np.stack([np.asarray(index.dayofyear), np.asarray(index.hour)], axis=1).astype(int)
+    return np.stack([np.asarray(index.day_of_year), np.asarray(index.hour)], axis=1).astype(int)
 
 
 def year_length(times: Any) -> int:
@@ -92,13 +104,13 @@ class Climatology:
             dist = _circular(self.keys[:, 0], first, self.period)
             half = self.window // 2
         pick = same & (dist <= half)
-        if not pick.any():  # no data near this day: the nearest day that has data
+        if not pick.any():  # no data near this day: the climatology of the nearest that has
             self._filled.add(key)
-            pool = same if same.any() else np.ones_like(same)
-            score = np.where(pool, dist, np.iinfo(np.int64).max)
-            if not same.any():
-                score = score * 100 + np.abs(self.keys[:, 1] - second)
-            pick = score == score.min()
+            score = dist * 100 + np.abs(self.keys[:, 1] - second)  # same hour first
+            if same.any():
+                score = np.where(same, score, np.iinfo(np.int64).max)
+            nearest = self.keys[int(np.argmin(score))]
+            return self._compute((int(nearest[0]), int(nearest[1])))
         return self.sums[pick].sum(axis=0) / self.counts[pick].sum()
 
     def at(self, times: Any) -> np.ndarray:
@@ -119,18 +131,19 @@ def _circular(values: np.ndarray, target: int, period: int) -> np.ndarray:
 
 
 def compute(path: str, times: Any, first: int, last: int, channels: list[int],
-            names: list[str], frequency: str, window: int = 1, block: int = 32) -> Climatology:
+            names: list[str], frequency: str, window: int = 1, block: int = 32,
+            by: str | None = None) -> Climatology:
     """One pass over time steps ``first..last`` (inclusive) of the store's ``data``.
 
     ``channels`` are the indices of the channels to keep; ``block`` time steps are read
-    at a time.
+    at a time; ``by`` overrides the grouping that ``frequency`` implies.
     """
     if window < 1 or window % 2 == 0:
         raise ConfigError(f"evaluate.climatology_window={window} must be an odd number of days",
                           "use 1 (no smoothing), 15, 31, ...")
     if last < first:
         raise ConfigError("the train split is empty: no climatology", "check data.splits.train")
-    by = grouping(frequency)
+    by = by or grouping(frequency)
     index = times[first:last + 1]
     keys = calendar_keys(index, by)
     unique, inverse = np.unique(keys, axis=0, return_inverse=True)

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import zarr
 
 from pipeline import __version__
@@ -90,10 +89,8 @@ def chunks(items: np.ndarray, size: int) -> Iterator[np.ndarray]:
 
 def lead_hours(info: StoreInfo, steps: int) -> float | None:
     """Hours in ``steps`` store time steps, or None for calendar frequencies (months)."""
-    offset = pd.tseries.frequencies.to_offset(info.attrs["frequency"])
-    if not isinstance(offset, pd.offsets.Tick):
-        return None
-    return steps * pd.Timedelta(offset).total_seconds() / 3600.0
+    step = climatology.step_duration(info.attrs["frequency"])
+    return None if step is None else steps * step.total_seconds() / 3600.0
 
 
 def score(model: rollout.Forecaster, dataset: ForecastDataset, inits: np.ndarray,

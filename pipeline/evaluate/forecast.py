@@ -30,6 +30,7 @@ from pipeline.data.loader import StoreInfo
 from pipeline.data.sources import time_label, within
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.evaluate import rollout
+from pipeline.evaluate.climatology import step_duration
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +95,10 @@ def target_forcings(model: rollout.Forecaster, t: int, steps: int) -> tuple[np.n
 
 def lead_coordinate(info: StoreInfo, steps: np.ndarray) -> tuple[Any, dict[str, str]]:
     """Lead times as timedeltas (fixed frequencies) or step counts (calendar months)."""
-    offset = pd.tseries.frequencies.to_offset(info.attrs["frequency"])
+    step = step_duration(info.attrs["frequency"])
     attrs = {"long_name": "lead time", "standard_name": "forecast_period"}
-    if isinstance(offset, pd.offsets.Tick):
-        return pd.to_timedelta(steps * pd.Timedelta(offset)).to_numpy(), attrs
+    if step is not None:
+        return pd.to_timedelta(steps * step).to_numpy(), attrs
     return steps, {**attrs, "units": f"steps of {info.attrs['frequency']}"}
 
 
