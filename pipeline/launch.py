@@ -30,7 +30,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,14 +86,15 @@ def _gpus(environ: Mapping[str, str]) -> int:
     return 0
 
 
-def detect(environ: Mapping[str, str] = os.environ) -> Allocation | None:
+def detect(environ: Mapping[str, str] = os.environ,
+           expand: Callable[[str], tuple[str, ...]] = _expand_nodelist) -> Allocation | None:
     """The Slurm allocation this process runs in, or None outside Slurm."""
     job_id = environ.get("SLURM_JOB_ID")
     nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
     if not job_id or not nodelist:
         return None
     in_step = environ.get("SLURM_STEP_ID", "batch") not in ("batch", "extern", "")
-    nodes = _expand_nodelist(nodelist)  # the job's nodes: slots and ports derive from them
+    nodes = expand(nodelist)  # the job's nodes: slots and ports derive from them
     return Allocation(
         job_id=job_id, nodes=nodes,
         this_node=environ.get("SLURMD_NODENAME", nodes[0]),
@@ -329,6 +330,10 @@ def launch_train(cfg: Config, address: str | None = None) -> Any:
 
     alloc = detect()
     if alloc is None or address is not None or not alloc.multi_node:
+        where = (f"Ray cluster at {address}" if address else "local Ray") + (
+            f", Slurm job {alloc.job_id} on {alloc.this_node}" if alloc else ", no Slurm job")
+        log.info("%s: %d Ray Train workers, %d CPUs, GPUs: %s", where, cfg.train.workers,
+                 os.cpu_count() or 1, "yes" if cfg.train.use_gpu else "no")
         result = train(cfg, address=address)
         if result.preempted and alloc is not None and not alloc.in_step:
             requeue(alloc)
