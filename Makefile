@@ -21,11 +21,9 @@ install: $(VENV)/.installed
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# demo data, preprocess, train, evaluate; report in runs/demo/eval/report.html
 demo: install
-	$(PIPELINE) demo-data data/demo/raw --size small
-	$(PIPELINE) preprocess configs/demo.yaml
-	$(PIPELINE) inspect data/demo/demo.zarr
-	$(PIPELINE) train configs/demo.yaml
+	$(PIPELINE) run configs/demo.yaml
 
 bench: install
 	$(PY) bench/preprocess.py --months 6 --out bench/results/preprocess.json
@@ -37,4 +35,4 @@ lint: install
 	$(VENV)/bin/ruff check pipeline tests bench
 
 clean:
-	rm -rf data/demo runs .pytest_cache
+	rm -rf data/demo runs registry .pytest_cache

@@ -209,6 +209,10 @@ class Train(Section):
     prefetch_factor: int = Field(2, ge=1)
     shuffle_block: int = Field(8, ge=1, description="Time steps per shuffle block.")
     tensorboard: bool = Field(False, description="Also write metrics to <run>/tensorboard/.")
+    init_from: str | None = Field(
+        None, description="Warm start: a checkpoint folder (e.g. runs/NAME/best or a registry "
+        "version's best/) whose model weights initialise a new run (fresh optimiser, step 0). "
+        "Ignored once the run has checkpoints of its own: it then resumes from them.")
 
 
 class Evaluate(Section):
@@ -228,10 +232,15 @@ class Evaluate(Section):
 class Registry(Section):
     """Model registry and promotion rule."""
 
-    path: str = Field("registry", description="Registry directory.")
-    metric: str = Field("rmse", description="Metric used to compare challenger and champion.")
-    lead: int = Field(1, ge=1)
-    min_improvement: float = Field(0.0, ge=0, description="Relative improvement needed to promote.")
+    path: str = Field("registry", description="Registry directory; this config's models go "
+                      "to <path>/<name>/.")
+    metric: Literal["rmse", "acc"] = Field(
+        "rmse", description="Metric used to compare challenger and champion (rmse: lower is "
+        "better; acc: higher is better).")
+    lead: int = Field(1, ge=1, description="Lead (model steps) compared; must be in evaluate.leads.")
+    min_improvement: float = Field(
+        0.0, ge=0, description="Relative improvement needed to promote (0.01: 1 %), averaged "
+        "over channels.")
 
 
 SINGLE_LINE = r"^[^\x00-\x1f\x7f]*$"  # no newlines or other control characters

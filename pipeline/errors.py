@@ -45,3 +45,8 @@ class StoreError(PipelineError, ValueError):
 
 class CheckpointError(PipelineError, ValueError):
     """A checkpoint cannot be used (missing, corrupt, or from another store)."""
+
+
+class RegistryError(PipelineError, ValueError):
+    """The model registry is unusable (a file where its folder goes, a broken entry), or
+    a model cannot be registered or compared (no evaluation, other evaluation data)."""

@@ -9,6 +9,7 @@ storage under the same name.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -69,6 +70,29 @@ def load(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise CheckpointError(f"checkpoint {folder} is corrupt: {type(err).__name__}: "
                               f"{' '.join(str(err).split())[:160]}", "delete it") from None
     return state, meta
+
+
+def load_init(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read the checkpoint ``train.init_from`` names: a checkpoint folder, or a run
+    directory (its ``best/``)."""
+    path = Path(path)
+    if not (path / META_FILE).exists() and (path / "best" / META_FILE).exists():
+        path = path / "best"
+    if not path.is_dir():
+        raise CheckpointError(f"train.init_from: no checkpoint folder at {path}",
+                              "name a checkpoint folder such as runs/NAME/best")
+    return load(path)
+
+
+def weights_digest(model_state: dict[str, torch.Tensor]) -> str:
+    """A short hash of a model's weights (names, shapes, dtypes, values): equal digests
+    mean bitwise equal weights."""
+    h = hashlib.sha256()
+    for name in sorted(model_state):
+        tensor = model_state[name].detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def list_steps(root: Path) -> list[Path]:

@@ -189,14 +189,15 @@ class Progress:
         return dict(self.__dict__)
 
 
-def check_compatible(meta: dict[str, Any], info: StoreInfo, where: Path) -> None:
-    """Refuse a checkpoint trained on another store or other statistics."""
+def check_compatible(meta: dict[str, Any], info: StoreInfo, where: Path,
+                     statistics: bool = True) -> None:
+    """Refuse a checkpoint trained on another store or (``statistics``) other statistics."""
     store_meta = meta.get("store", {})
     if store_meta.get("channels") != list(info.layout.channels):
         raise CheckpointError(f"checkpoint {where} was trained on channels "
                               f"{store_meta.get('channels')}, the store has "
                               f"{list(info.layout.channels)}", "use a new run name")
-    if not (np.allclose(store_meta.get("mean", []), info.stats["mean"], rtol=1e-12)
+    if statistics and not (np.allclose(store_meta.get("mean", []), info.stats["mean"], rtol=1e-12)
             and np.allclose(store_meta.get("std", []), info.stats["std"], rtol=1e-12)):
         raise CheckpointError(f"the store's statistics differ from those of checkpoint {where}",
                               "the store was rebuilt or recomputed; use a new run name")
@@ -233,6 +234,7 @@ class Trainer:
                                            weight_decay=t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.progress = Progress()
+        self.init_from: dict[str, Any] | None = None  # the warm start's source, kept in meta
         self.lat_w = torch.from_numpy(self.info.area_weight.astype(np.float32)).to(rt.device)
         scale = self.stepper.scale.flatten()
         # the loss compares changes in units of the typical one-step change
@@ -259,14 +261,17 @@ class Trainer:
         return {"step": self.progress.step, "epoch": self.progress.epoch,
                 "config": resolved_dict(self.cfg), "config_hash": config_hash(self.cfg),
                 "store": self.info.fingerprint(), "world_size": self.rt.world_size,
-                "channels_out": self.info.layout.output_names}
+                "channels_out": self.info.layout.output_names, "init_from": self.init_from}
 
     def _resume(self) -> Path | None:
         found = checkpoint.latest_valid(self.rt.resume_candidates())
         if found is None:
+            if self.cfg.train.init_from:
+                self._warm_start(Path(self.cfg.train.init_from))
             return None
         folder, state, meta = found
         check_compatible(meta, self.info, folder)
+        self.init_from = meta.get("init_from")
         self.stepper.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -275,6 +280,26 @@ class Trainer:
         if self.rt.rank == 0:
             log.info("resumed from %s (step %d)", folder, self.progress.step)
         return folder
+
+    def _warm_start(self, folder: Path) -> None:
+        """Initialise the model (only) from another run's checkpoint: step 0, a fresh
+        optimiser and schedule. The channels must match; the statistics may differ (an
+        append with ``recompute_on_append`` shifts them a little): the weights are only a
+        starting point, and this run records and uses the store's own statistics."""
+        state, meta = checkpoint.load_init(folder)
+        check_compatible(meta, self.info, folder, statistics=False)
+        try:
+            self.stepper.load_state_dict(state["model"])
+        except (KeyError, RuntimeError) as err:
+            raise CheckpointError(f"train.init_from {folder}: its model does not fit this "
+                                  f"config's ({' '.join(str(err).split())[:200]})",
+                                  "use the same model.* and train.history as that run") from None
+        self.init_from = {"path": str(folder), "step": meta.get("step"),
+                          "config_hash": meta.get("config_hash"),
+                          "weights_digest": checkpoint.weights_digest(self.stepper.state_dict())}
+        if self.rt.rank == 0:
+            log.info("warm start: model weights from %s (step %s, digest %s)", folder,
+                     meta.get("step"), self.init_from["weights_digest"])
 
     # ------------------------------------------------------------------ steps
 

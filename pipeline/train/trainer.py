@@ -38,7 +38,10 @@ class TrainResult:
 def absolute_config(cfg: Config) -> Config:
     """Paths made absolute: Ray workers run in another working directory."""
     data = cfg.data.model_copy(update={"store": os.path.abspath(cfg.data.store)})
-    return cfg.model_copy(update={"data": data, "runs_dir": os.path.abspath(cfg.runs_dir)})
+    init = cfg.train.init_from
+    train = cfg.train.model_copy(update={"init_from": os.path.abspath(init) if init else None})
+    return cfg.model_copy(update={"data": data, "train": train,
+                                  "runs_dir": os.path.abspath(cfg.runs_dir)})
 
 
 def preflight(cfg: Config) -> None:
@@ -56,6 +59,9 @@ def preflight(cfg: Config) -> None:
     found = checkpoint.latest_valid(checkpoint.list_steps(cfg.run_dir() / "checkpoints"))
     if found is not None:
         check_compatible(found[2], info, found[0])
+    elif t.init_from:  # a warm start: the channels must match, the statistics may differ
+        _, meta = checkpoint.load_init(Path(t.init_from))
+        check_compatible(meta, info, Path(t.init_from), statistics=False)
 
 
 def _worker(loop_config: dict[str, Any]) -> None:

@@ -1,0 +1,428 @@
+"""The model registry: versions, the champion, and the promotion rule.
+
+One registry per config ``name``, a plain folder that anything can read::
+
+    <registry.path>/<name>/
+        champion.json       {"version": "v0002", "since": ..., "previous": "v0001"}
+        decisions.jsonl     one JSON object per decision, oldest first
+        v0001/              one folder per registered model; never changed afterwards,
+            version.json      except for evals/: source run and checkpoint, weights hash,
+            config.yaml       store version and data period, evaluation data, created;
+                              the checkpoint's resolved config
+            best/             a copy of the run's best checkpoint (state.pt, meta.json)
+            eval/metrics.json its evaluation when it was registered
+            evals/KEY.json    its re-evaluations on later evaluation data (as champion)
+
+Every write is atomic: a version is assembled in a hidden temporary folder and renamed
+into place, ``champion.json`` and ``decisions.jsonl`` are written to a temporary file
+and renamed, so a crash never leaves a half-registered version or a torn line. Writers
+hold an ``fcntl`` lock on ``<name>/.lock`` (concurrent scheduled jobs queue up).
+
+Promotion (:func:`compare`): the challenger replaces the champion only if, on
+``registry.metric`` at ``registry.lead``, its per-channel relative improvement over the
+champion, averaged over channels, is positive and at least ``registry.min_improvement``.
+Relative per channel, then averaged, so that a channel in Pa does not outweigh one in
+K. Both must have been scored on the same evaluation data (:func:`eval_data`: store
+and dataset version, split, init times, climatology); when the champion's metrics come
+from other data it is first re-evaluated on the challenger's with the evaluate API.
+This module reads metrics, never reports; torch is only imported to re-evaluate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.config import Config
+from pipeline.data import store
+from pipeline.errors import CheckpointError, RegistryError
+
+log = logging.getLogger(__name__)
+
+VERSION_DIR = re.compile(r"^v(\d{4,})$")
+HIGHER_IS_BETTER = {"rmse": False, "acc": True}
+CHAMPION_FILE = "champion.json"
+DECISIONS_FILE = "decisions.jsonl"
+
+
+# --------------------------------------------------------------------------- small pieces
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a file so that readers see the old content or the new, never a part."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise RegistryError(f"cannot read {path}: {type(err).__name__}: {err}",
+                            "restore it from a backup or delete the registry entry") from None
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def eval_data(metrics: dict[str, Any], data_hash: str) -> dict[str, Any]:
+    """What makes two evaluations comparable: the same store content and version, split,
+    init times and climatology (ACC is taken against it)."""
+    clim = metrics.get("climatology") or {}
+    return {"data_hash": data_hash, "store_version": metrics["store_version"],
+            "split": metrics["split"], "first_init": metrics["first_init"],
+            "last_init": metrics["last_init"], "init_times": metrics["init_times"],
+            "climatology": {k: clim.get(k) for k in ("by", "window_days", "samples")}}
+
+
+def eval_key(data: dict[str, Any]) -> str:
+    """A short name for :func:`eval_data` (file names under ``evals/``)."""
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+def store_facts(path: str | Path) -> dict[str, Any]:
+    """The store's identity and period, from its attributes (a complete store only)."""
+    attrs = store.open_complete(path).attrs.asdict()
+    return {"path": os.path.abspath(path), "data_hash": attrs["data_hash"],
+            "dataset_version": int(attrs["dataset_version"]),
+            "time_start": attrs.get("time_start"), "time_end": attrs.get("time_end"),
+            "frequency": attrs.get("frequency")}
+
+
+# --------------------------------------------------------------------------- the rule
+
+
+@dataclass
+class Comparison:
+    """The promotion rule applied to two sets of records."""
+
+    metric: str
+    lead: int
+    challenger: dict[str, float]  # channel -> value at the lead
+    champion: dict[str, float]
+    improvement: float  # mean over channels of the relative improvement
+    promote: bool
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        mean = lambda d: sum(d.values()) / len(d)  # noqa: E731
+        return {"metric": self.metric, "lead": self.lead,
+                "challenger_value": mean(self.challenger), "champion_value": mean(self.champion),
+                "challenger_by_channel": self.challenger, "champion_by_channel": self.champion,
+                "improvement": self.improvement}
+
+
+def values_at(records: list[dict[str, Any]], metric: str, lead: int) -> dict[str, float]:
+    """Channel -> ``metric`` at ``lead`` (channels whose value is null are left out)."""
+    rows = [r for r in records if r["lead"] == lead]
+    if not rows:
+        leads = sorted({r["lead"] for r in records})
+        raise RegistryError(f"registry.lead {lead} is not among the evaluated leads {leads}",
+                            "add it to evaluate.leads or change registry.lead")
+    return {r["channel"]: float(r[metric]) for r in rows
+            if r.get(metric) is not None and math.isfinite(r[metric])}
+
+
+def compare(challenger: list[dict[str, Any]], champion: list[dict[str, Any]], metric: str,
+            lead: int, min_improvement: float) -> Comparison:
+    """Apply the promotion rule (module docstring) to two metrics.json ``records`` lists."""
+    if metric not in HIGHER_IS_BETTER:
+        raise RegistryError(f"registry.metric '{metric}' is not comparable",
+                            f"use one of {', '.join(HIGHER_IS_BETTER)}")
+    new, old = values_at(challenger, metric, lead), values_at(champion, metric, lead)
+    if set(new) != set(old):
+        raise RegistryError(f"challenger and champion were scored on other channels "
+                            f"({sorted(new)} vs {sorted(old)})",
+                            "models of one registry must predict the same channels")
+    channels = [c for c in sorted(new) if old[c] != 0.0]
+    if not channels:
+        raise RegistryError(f"no channel has a usable {metric} at lead {lead}",
+                            "check the evaluation's metrics.json")
+    sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0
+    gains = [sign * (new[c] - old[c]) / abs(old[c]) for c in channels]
+    improvement = sum(gains) / len(gains)
+    promote = improvement > 0.0 and improvement >= min_improvement
+    better = "higher" if HIGHER_IS_BETTER[metric] else "lower"
+    verdict = (f"{improvement:+.2%} mean relative improvement of {metric} ({better} is better) "
+               f"at lead {lead} over {len(channels)} channels; needed > 0 and >= "
+               f"{min_improvement:.2%}")
+    reason = ("better: " if promote else "not better enough: ") + verdict
+    return Comparison(metric, lead, {c: new[c] for c in channels}, {c: old[c] for c in channels},
+                      improvement, promote, reason)
+
+
+# --------------------------------------------------------------------------- versions
+
+
+@dataclass
+class Version:
+    """A registered model (a ``vNNNN`` folder)."""
+
+    path: Path
+    info: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def weights(self) -> Path:
+        """The checkpoint folder (state.pt, meta.json): ``train.init_from`` takes it."""
+        return self.path / "best"
+
+    @property
+    def eval_key(self) -> str:
+        return self.info["evaluation"]["key"]
+
+    def metrics_for(self, key: str) -> dict[str, Any] | None:
+        """Its metrics on the evaluation data ``key``, if it was scored on them."""
+        if key == self.eval_key:
+            return read_json(self.path / "eval" / "metrics.json")
+        path = self.path / "evals" / f"{key}.json"
+        return read_json(path) if path.exists() else None
+
+
+class ModelRegistry:
+    """The registry of one config name (see the module docstring)."""
+
+    def __init__(self, root: str | Path, name: str):
+        base = Path(root)
+        self.root = base / name
+        for path in (base, self.root):
+            if path.exists() and not path.is_dir():
+                raise RegistryError(f"registry path {path} is a file, not a folder",
+                                    "set registry.path to a folder (it is created if missing)")
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> ModelRegistry:
+        return cls(cfg.registry.path, cfg.name)
+
+    # ------------------------------------------------------------------ reading
+
+    def versions(self) -> list[Version]:
+        if not self.root.is_dir():
+            return []
+        found = sorted((p for p in self.root.iterdir() if p.is_dir() and VERSION_DIR.match(p.name)),
+                       key=lambda p: int(p.name[1:]))
+        return [Version(p, read_json(p / "version.json")) for p in found]
+
+    def get(self, name: str) -> Version:
+        path = self.root / name
+        if not (path / "version.json").is_file():
+            raise RegistryError(f"registry {self.root} has no version {name}",
+                                f"{CHAMPION_FILE} or a decision names a missing version")
+        return Version(path, read_json(path / "version.json"))
+
+    def champion(self) -> Version | None:
+        path = self.root / CHAMPION_FILE
+        return self.get(read_json(path)["version"]) if path.exists() else None
+
+    def decisions(self) -> list[dict[str, Any]]:
+        path = self.root / DECISIONS_FILE
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def for_store(self, facts: dict[str, Any]) -> list[Version]:
+        """Versions trained on this store content and dataset version."""
+        return [v for v in self.versions()
+                if v.info["store"]["data_hash"] == facts["data_hash"]
+                and v.info["store"]["dataset_version"] == facts["dataset_version"]]
+
+    def handled(self, facts: dict[str, Any]) -> Version | None:
+        """A version trained on this store version that has been decided on (or is the
+        champion): retraining on this data again would change nothing."""
+        champion = self.champion()
+        decided = {d["challenger"] for d in self.decisions()}
+        for version in self.for_store(facts):
+            if version.name in decided or (champion and champion.name == version.name):
+                return version
+        return None
+
+    # ------------------------------------------------------------------ writing
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Exclusive access for writers; leftovers of a crashed writer are removed."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                for stale in self.root.glob(".v*.tmp-*"):
+                    shutil.rmtree(stale, ignore_errors=True)
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def register(self, run_dir: Path, store_path: str | Path) -> tuple[Version, bool]:
+        """Register the run's best checkpoint with its evaluation; returns (version,
+        created). A checkpoint already registered (same weights) is not added twice."""
+        run_dir = Path(run_dir)
+        best, metrics_path = run_dir / "best", run_dir / "eval" / "metrics.json"
+        for needed in (best / "state.pt", best / "meta.json", metrics_path):
+            if not needed.is_file():
+                raise RegistryError(f"cannot register {run_dir}: {needed} is missing",
+                                    "train and evaluate the run first")
+        meta, metrics = read_json(best / "meta.json"), read_json(metrics_path)
+        facts = store_facts(store_path)
+        if (Path(metrics["checkpoint"]).resolve() != best.resolve()
+                or metrics.get("checkpoint_step") != meta["step"]
+                or metrics["store_version"] != facts["dataset_version"]):
+            raise RegistryError(f"the evaluation of {run_dir} is not of its best checkpoint on "
+                                f"store version {facts['dataset_version']}",
+                                "evaluate the run again")
+        trained_on = meta.get("store", {}).get("dataset_version")
+        if trained_on != facts["dataset_version"]:
+            raise RegistryError(f"{run_dir} was trained on dataset version {trained_on}, the "
+                                f"store is at version {facts['dataset_version']}",
+                                "register models trained on the current store (pipeline retrain)")
+        sha = file_sha256(best / "state.pt")
+        with self.lock():
+            for version in self.versions():
+                if version.info["weights_sha256"] == sha:
+                    return version, False
+            numbers = [int(v.name[1:]) for v in self.versions()]
+            name = f"v{max(numbers, default=0) + 1:04d}"
+            data = eval_data(metrics, facts["data_hash"])
+            info = {
+                "version": name, "created": store.now(),
+                "run": run_dir.name, "run_dir": str(run_dir.resolve()),
+                "checkpoint": str(best.resolve()), "checkpoint_step": meta["step"],
+                "config_hash": meta.get("config_hash"), "weights_sha256": sha,
+                "init_from": meta.get("init_from"),
+                "store": facts,
+                "evaluation": {"key": eval_key(data), "data": data},
+            }
+            tmp = self.root / f".{name}.tmp-{os.getpid()}"
+            shutil.copytree(best, tmp / "best")
+            (tmp / "eval").mkdir()
+            shutil.copy2(metrics_path, tmp / "eval" / "metrics.json")
+            (tmp / "config.yaml").write_text(yaml.safe_dump(meta["config"], sort_keys=False))
+            (tmp / "evals").mkdir()
+            (tmp / "version.json").write_text(json.dumps(info, indent=1) + "\n")
+            os.rename(tmp, self.root / name)  # the version exists from here on, complete
+        log.info("registered %s as %s", run_dir, name)
+        return Version(self.root / name, info), True
+
+    def _append_decision(self, decision: dict[str, Any]) -> None:
+        lines = [json.dumps(d, sort_keys=True) for d in self.decisions()]
+        lines.append(json.dumps(decision, sort_keys=True))
+        write_atomic(self.root / DECISIONS_FILE, "\n".join(lines) + "\n")
+
+    def _set_champion(self, version: Version, previous: Version | None) -> None:
+        write_atomic(self.root / CHAMPION_FILE, json.dumps(
+            {"version": version.name, "since": store.now(),
+             "previous": previous.name if previous else None}, indent=1) + "\n")
+
+    def challenge(self, challenger: Version, cfg: Config) -> dict[str, Any]:
+        """Decide whether ``challenger`` replaces the champion; record the decision.
+
+        ``cfg`` is the config the challenger was evaluated with (its store and evaluate
+        section): the champion is re-evaluated with it when needed. Deciding twice on
+        the same pair and data records nothing new: the first decision is returned with
+        ``"already_decided": True`` (and a promotion a crash interrupted is completed).
+        """
+        with self.lock():
+            champion = self.champion()
+            key = challenger.eval_key
+            base = {"challenger": challenger.name, "eval_key": key, "time": store.now(),
+                    "metric": cfg.registry.metric, "lead": cfg.registry.lead,
+                    "min_improvement": cfg.registry.min_improvement}
+            if champion is None:
+                decision = {**base, "champion": None, "promoted": True,
+                            "reason": "first version: champion by default"}
+                self._append_decision(decision)
+                self._set_champion(challenger, None)
+                return decision
+            if champion.name == challenger.name:
+                return {**base, "champion": champion.name, "promoted": False,
+                        "already_decided": True, "reason": "already the champion"}
+            for earlier in self.decisions():
+                if (earlier["challenger"], earlier["champion"], earlier["eval_key"]) == (
+                        challenger.name, champion.name, key):
+                    if earlier["promoted"]:
+                        self._set_champion(challenger, champion)
+                    return {**earlier, "already_decided": True}
+            champion_metrics = champion.metrics_for(key)
+            reevaluated = champion_metrics is None
+            try:
+                if reevaluated:
+                    champion_metrics = self._reevaluate(champion, challenger, cfg)
+            except CheckpointError as err:  # e.g. statistics recomputed on append
+                decision = {**base, "champion": champion.name, "promoted": False,
+                            "champion_reevaluated": False,
+                            "reason": f"not comparable: champion {champion.name} cannot be "
+                                      f"scored on this store ({err.message})"}
+                self._append_decision(decision)
+                log.warning("%s", decision["reason"])
+                return decision
+            comparison = compare(challenger.metrics_for(key)["records"],
+                                 champion_metrics["records"], cfg.registry.metric,
+                                 cfg.registry.lead, cfg.registry.min_improvement)
+            decision = {**base, "champion": champion.name, "promoted": comparison.promote,
+                        "reason": comparison.reason, "champion_reevaluated": reevaluated,
+                        **comparison.as_dict()}
+            self._append_decision(decision)
+            if comparison.promote:
+                self._set_champion(challenger, champion)
+        log.info("%s vs champion %s: %s", challenger.name, champion.name, decision["reason"])
+        return decision
+
+    def _reevaluate(self, champion: Version, challenger: Version, cfg: Config) -> dict[str, Any]:
+        """Score the champion's weights on the challenger's evaluation data; keep the
+        result in the champion's ``evals/``."""
+        from pipeline.evaluate.evaluate import evaluate
+
+        log.info("re-evaluating champion %s on the evaluation data of %s", champion.name,
+                 challenger.name)
+        scratch = self.root / f".eval-{champion.name}-{os.getpid()}"
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir()
+        try:
+            (scratch / "best").symlink_to(champion.weights.resolve(), target_is_directory=True)
+            metrics = evaluate(cfg, scratch, report=False)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        data = eval_data(metrics, store_facts(cfg.data.store)["data_hash"])
+        if eval_key(data) != challenger.eval_key:
+            raise RegistryError(f"champion {champion.name} re-evaluated on other data than "
+                                f"{challenger.name} ({data} vs "
+                                f"{challenger.info['evaluation']['data']})",
+                                "the store or evaluate.* changed meanwhile; run retrain again")
+        evals = champion.path / "evals"
+        evals.mkdir(exist_ok=True)
+        write_atomic(evals / f"{eval_key(data)}.json", json.dumps(metrics, indent=1) + "\n")
+        return metrics
+
+
+def summary(registry: ModelRegistry) -> str:
+    """One line per version, champion marked, for humans."""
+    champion = registry.champion()
+    lines = []
+    for v in registry.versions():
+        mark = "*" if champion and champion.name == v.name else " "
+        s = v.info["store"]
+        lines.append(f"{mark} {v.name}  run {v.info['run']} step {v.info['checkpoint_step']}  "
+                     f"store v{s['dataset_version']} {s['time_start']} .. {s['time_end']}  "
+                     f"created {v.info['created']}")
+    return "\n".join(lines) or f"{registry.root}: no versions"

@@ -1,0 +1,264 @@
+"""The stage chains that the CLI and the Slurm jobs call.
+
+``run(cfg)``: demo data (when the config reads the demo directory), preprocess, train,
+evaluate. ``retrain(cfg)``: append new data, train a run warm-started from the
+champion, evaluate, register, promote only if better (see ``pipeline.registry``).
+
+Every stage is skipped when its result is already there and current, and every name is
+deterministic, so running either again - after a crash, a preemption, or just twice -
+repeats no finished work: a complete store is kept, a run at ``train.max_steps`` (or
+stopped early) is not trained again, an evaluation of the current best checkpoint on
+the current store version with the same config is kept, and a store version the
+registry has already decided on is a no-op.
+
+``train_fn`` is how a run is trained: ``launch_train`` (Ray Train, locally or across a
+Slurm allocation) by default; tests pass the plain loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pipeline.config import Config, config_hash
+from pipeline.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DEMO_RAW = Path("data/demo/raw")
+DEMO_SIZE = "small"  # what configs/demo.yaml is written for (33 x 64, three levels)
+
+TrainFn = Callable[[Config], Any]
+
+
+@dataclass
+class Outcome:
+    """What a workflow did, as lines for the user."""
+
+    lines: list[str] = field(default_factory=list)
+    preempted: bool = False
+    report: Path | None = None
+
+    def say(self, line: str) -> None:
+        log.info("%s", line)
+        self.lines.append(line)
+
+    @property
+    def message(self) -> str:
+        return "\n".join(self.lines)
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def demo_months(cfg: Config) -> int:
+    """Months of demo data (from January 2000) that the config's time range needs."""
+    ends = [cfg.data.end] if cfg.data.end else [s[1] for s in cfg.data.splits.model_dump().values()]
+    last = max(pd.Timestamp(e) for e in ends)
+    return max(1, (last.year - 2000) * 12 + last.month)
+
+
+def ensure_demo(cfg: Config) -> str | None:
+    """Write the demo data when a source reads ``data/demo/raw`` and it is missing."""
+    demo = os.path.abspath(DEMO_RAW)
+    if not any(os.path.abspath(os.path.dirname(s.path)) == demo for s in cfg.data.sources):
+        return None
+    from pipeline.data.synthetic import demo_spec, ensure_demo_data
+
+    paths, written = ensure_demo_data(DEMO_RAW, demo_spec(DEMO_SIZE, months=demo_months(cfg)))
+    return (f"demo data: {'wrote' if written else 'kept'} {len(paths)} files in {DEMO_RAW} "
+            f"(size {DEMO_SIZE})")
+
+
+def update_store(cfg: Config, append: bool) -> str:
+    """Build the store, resume a broken build, or (``append``) add new source steps."""
+    from pipeline.data import store
+    from pipeline.data.build import preprocess
+
+    path = Path(cfg.data.store)
+    if append and path.exists():
+        attrs = store.open_group(path).attrs.asdict()
+        append = bool(attrs.get("complete") or attrs.get("appending"))  # else: finish the build
+    else:
+        append = False
+    return preprocess(cfg, append=append)
+
+
+def store_facts(cfg: Config) -> dict[str, Any]:
+    from pipeline.registry import store_facts as facts
+
+    return facts(cfg.data.store)
+
+
+def training_done(cfg: Config) -> int | None:
+    """The step a finished run stopped at (max_steps, or early stopping), else None."""
+    from pipeline.train import checkpoint
+
+    run_dir = cfg.run_dir()
+    found = checkpoint.latest_valid(checkpoint.list_steps(run_dir / "checkpoints"))
+    if found is None or not (run_dir / "best" / checkpoint.META_FILE).exists():
+        return None
+    progress = found[1]["progress"]
+    patience = cfg.train.early_stopping_patience
+    stopped_early = patience is not None and progress["evals_without_improvement"] >= patience
+    return progress["step"] if progress["step"] >= cfg.train.max_steps or stopped_early else None
+
+
+def evaluation_current(cfg: Config, run_dir: Path) -> bool:
+    """Does ``eval/metrics.json`` score the current best checkpoint on the current store
+    version with this config?"""
+    import json
+
+    path, best = run_dir / "eval" / "metrics.json", run_dir / "best" / "meta.json"
+    if not path.exists() or not best.exists():
+        return False
+    metrics, meta = json.loads(path.read_text()), json.loads(best.read_text())
+    return (Path(metrics.get("checkpoint", "")).resolve() == (run_dir / "best").resolve()
+            and metrics.get("checkpoint_step") == meta.get("step")
+            and metrics.get("store_version") == store_facts(cfg)["dataset_version"]
+            and metrics.get("config_hash") == config_hash(cfg))
+
+
+def train_stage(cfg: Config, train_fn: TrainFn | None, out: Outcome) -> bool:
+    """Train unless done. False when the caller must stop here: training was preempted
+    (run the same command again), or this process was only a Ray worker node."""
+    done = training_done(cfg)
+    if done is not None:
+        out.say(f"train: {cfg.run_dir()} already trained (step {done}); skipped")
+        return True
+    if train_fn is None:
+        from pipeline.launch import launch_train as train_fn
+    result = train_fn(cfg)
+    if getattr(result, "preempted", False):
+        out.preempted = True
+        out.say(f"train: preempted; checkpoint in {cfg.run_dir() / 'checkpoints'} "
+                "(run the same command again to continue)")
+        return False
+    if getattr(result, "metrics", None) == {}:  # an srun task > 0: a Ray worker node only
+        out.say(f"train: this task served as a Ray worker node of {cfg.run_dir()}; task 0 "
+                "goes on")
+        return False
+    out.say(f"train: {cfg.run_dir()} trained to step {training_done(cfg) or '?'}")
+    return True
+
+
+def evaluate_stage(cfg: Config, out: Outcome) -> dict[str, Any]:
+    """Evaluate unless the evaluation is current; return the metrics."""
+    import json
+
+    from pipeline.evaluate.evaluate import evaluate
+
+    run_dir = cfg.run_dir()
+    if evaluation_current(cfg, run_dir):
+        out.say(f"evaluate: {run_dir / 'eval'} is current; skipped")
+        metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    else:
+        metrics = evaluate(cfg, run_dir)
+        out.say(f"evaluate: wrote {run_dir / 'eval' / 'metrics.json'}")
+    out.report = run_dir / "eval" / "report.html"
+    return metrics
+
+
+def lead_summary(metrics: dict[str, Any], lead: int) -> str:
+    """One line: the model's RMSE against persistence per channel at ``lead``."""
+    rows = [r for r in metrics["records"] if r["lead"] == lead]
+    beats = sum(1 for r in rows if r["rmse"] is not None and r["rmse_persistence"] is not None
+                and r["rmse"] < r["rmse_persistence"])
+    return (f"{metrics['split']} split, lead {lead}: RMSE below persistence for {beats} of "
+            f"{len(rows)} channels")
+
+
+# --------------------------------------------------------------------------- run
+
+
+def run(cfg: Config, train_fn: TrainFn | None = None) -> Outcome:
+    """Preprocess, train and evaluate ``cfg``'s run; stages already done are skipped."""
+    out = Outcome()
+    demo = ensure_demo(cfg)
+    if demo:
+        out.say(demo)
+    out.say(f"preprocess: {update_store(cfg, append=False)}")
+    if not train_stage(cfg, train_fn, out):
+        return out
+    metrics = evaluate_stage(cfg, out)
+    out.say(lead_summary(metrics, min(metrics["leads"])))
+    out.say(f"report: {out.report}")
+    return out
+
+
+# --------------------------------------------------------------------------- retrain
+
+
+def retrain_config(cfg: Config, dataset_version: int, init_from: Path | None) -> Config:
+    """The retraining run of a dataset version: ``<name>-v<version>``, warm-started."""
+    train = cfg.train.model_copy(update={"init_from": str(init_from.resolve()) if init_from
+                                         else cfg.train.init_from})
+    return cfg.model_copy(update={"name": f"{cfg.name}-v{dataset_version}", "train": train})
+
+
+def retrain(cfg: Config, train_fn: TrainFn | None = None) -> Outcome:
+    """Append new data, warm-start from the champion, evaluate, register, promote if
+    better. Without a store it is built; without a champion the first version trains
+    from scratch (or from ``train.init_from``) - or is the config's own run, when
+    ``pipeline run`` has trained and evaluated it on the current store version - and
+    becomes the champion."""
+    from pipeline.registry import ModelRegistry
+
+    registry = ModelRegistry.from_config(cfg)  # a bad registry.path fails before any work
+    if cfg.registry.lead not in cfg.evaluate.leads:
+        raise ConfigError(f"registry.lead {cfg.registry.lead} is not in evaluate.leads "
+                          f"{cfg.evaluate.leads}", "add it to evaluate.leads")
+    out = Outcome()
+    demo = ensure_demo(cfg)
+    if demo:
+        out.say(demo)
+    out.say(f"preprocess: {update_store(cfg, append=True)}")
+    facts = store_facts(cfg)
+    version = facts["dataset_version"]
+    handled = registry.handled(facts)
+    champion = registry.champion()
+    if handled is not None:
+        out.say(f"nothing to do: dataset version {version} is already registered as "
+                f"{handled.name} and decided on (champion: "
+                f"{champion.name if champion else 'none'})")
+        return out
+    run_cfg = retrain_config(cfg, version, champion.weights if champion else None)
+    if champion is None and own_run_current(cfg, version):
+        run_cfg = cfg
+        out.say(f"no champion yet: registering {cfg.run_dir()} (trained on dataset version "
+                f"{version})")
+    elif champion is not None:
+        out.say(f"warm start of {run_cfg.run_dir()} from champion {champion.name}")
+    else:
+        out.say(f"no champion yet: training {run_cfg.run_dir()} as the first version")
+    if not train_stage(run_cfg, train_fn, out):
+        return out
+    metrics = evaluate_stage(run_cfg, out)
+    out.say(lead_summary(metrics, cfg.registry.lead))
+    registered, created = registry.register(run_cfg.run_dir(), cfg.data.store)
+    out.say(f"registry: {'registered' if created else 'already registered as'} "
+            f"{registered.name} in {registry.root}")
+    decision = registry.challenge(registered, run_cfg)
+    verdict = "promoted to champion" if decision["promoted"] else "not promoted"
+    champion = registry.champion()
+    out.say(f"decision: {registered.name} {verdict} ({decision['reason']}); champion: "
+            f"{champion.name if champion else 'none'}")
+    out.say(f"report: {out.report}")
+    return out
+
+
+def own_run_current(cfg: Config, dataset_version: int) -> bool:
+    """Has ``pipeline run`` trained and evaluated the config's own run on this version?"""
+    import json
+
+    best = cfg.run_dir() / "best" / "meta.json"
+    if training_done(cfg) is None or not best.exists():
+        return False
+    trained_on = json.loads(best.read_text()).get("store", {}).get("dataset_version")
+    return trained_on == dataset_version and evaluation_current(cfg, cfg.run_dir())
