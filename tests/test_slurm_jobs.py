@@ -128,7 +128,9 @@ def test_scheduled_retraining_queues_its_next_run(slurm_cluster, tiny_raw: Path,
     assert out.returncode == 0, out.stderr
     first = re.search(r"retraining job (\d+) queued to start now", out.stdout).group(1)
     started = time.time()
-    slurm_cluster.wait_job(first, timeout=300)
+    assert slurm_cluster.wait_job(first, timeout=600)["JobState"] == "COMPLETED"
+    # the first run retrained for real: a champion in the registry
+    assert json.loads((tmp_path / "registry" / "slurm" / "champion.json").read_text())
     pending = slurm_cluster.run("squeue", "--noheader", "--name", "slurm-retrain", "--states",
                                 "PENDING", "--format", "%i").stdout.split()
     assert len(pending) == 1, pending
