@@ -1,13 +1,18 @@
-"""Loader benchmark: samples/s of the training Dataset against two baselines, same run.
+"""Loader benchmark: samples/s of the training loaders against plain zarr reads, same run.
 
 On the ``large`` store (121 x 240, 61 channels), for the same sample times in the same
 order (the training sampler's), in one process:
 - ``pipeline``: ``ForecastDataset[i]`` (one zarr read per sample, normalised tensors);
-- ``zarr_limit``: the same zarr reads with nothing else (the limit for any loader);
+- ``zarr_limit``: the same zarr reads with nothing else (``array[lo:hi]``, a fresh
+  array each: the limit for any loader built on plain reads);
+- ``zarr_reused_buffer``: the same reads into one reused array (``out=``), what the
+  dataset does since it stopped allocating per read;
 - ``xarray_per_sample``: ``ds["data"].isel(time=...).values`` on ``xarray.open_zarr``,
   the way users often start (dask on the hot path).
-Then the DataLoader with worker processes against the same number of processes doing
-plain zarr reads.
+Then, at the same parallelism N: the ThreadedBatchLoader with N reader threads and the
+DataLoader with N worker processes, each against N processes doing plain zarr reads
+(for N = 1, the one-process limit above). The machine is shared: every measure runs
+once per round (``--rounds``), rounds interleave them, and the best round counts.
 
     python -m bench.loader --out bench/results/loader.json
 """
@@ -18,14 +23,23 @@ import argparse
 import multiprocessing as mp
 import tempfile
 import time
+from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zarr
+from zarr.core.buffer import default_buffer_prototype
 
 from bench.common import ensure_store, machine, write_result
 from pipeline.config import load_config
-from pipeline.data.loader import BlockShuffleSampler, ForecastDataset, StoreInfo
+from pipeline.data.loader import (
+    BlockShuffleSampler,
+    ForecastDataset,
+    StoreInfo,
+    ThreadedBatchLoader,
+)
 
 
 def rate(fn, indices: list[int], min_seconds: float = 2.0) -> float:
@@ -56,18 +70,35 @@ def parallel_zarr_rate(path: str, ranges: list[tuple[int, int]], processes: int)
     return done / (time.perf_counter() - start)
 
 
+def epochs_rate(loader: Iterable[dict[str, Any]], min_seconds: float = 3.0) -> float:
+    """Samples/s over whole epochs of ``loader`` (at least min_seconds), after its first batch."""
+    iterator = iter(loader)
+    next(iterator)  # start-up (worker processes, first reads) is not throughput
+    start, done = time.perf_counter(), 0
+    while True:
+        for b in iterator:
+            done += b["inputs"].shape[0]
+        if time.perf_counter() - start >= min_seconds:
+            return done / (time.perf_counter() - start)
+        iterator = iter(loader)
+
+
 def loader_rate(dataset: ForecastDataset, sampler: BlockShuffleSampler, workers: int,
                 batch: int) -> float:
+    """Samples/s of the torch DataLoader with ``workers`` worker processes."""
     from torch.utils.data import DataLoader
 
     loader = DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers,
-                        persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
-    iterator = iter(loader)
-    next(iterator)  # start-up of the worker processes is not throughput
-    start, done = time.perf_counter(), 0
-    for b in iterator:
-        done += b["inputs"].shape[0]
-    return done / (time.perf_counter() - start)
+                        persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
+                        drop_last=True)
+    return epochs_rate(loader)
+
+
+def threads_rate(dataset: ForecastDataset, sampler: BlockShuffleSampler, threads: int,
+                 batch: int) -> float:
+    """Samples/s of the ThreadedBatchLoader with ``threads`` reader threads."""
+    with ThreadedBatchLoader(dataset, sampler, batch, threads, prefetch=4) as loader:
+        return epochs_rate(loader)
 
 
 def main() -> int:
@@ -77,7 +108,12 @@ def main() -> int:
     parser.add_argument("--store-config", default=None,
                         help="config of an existing store to use instead of the large one")
     parser.add_argument("--history", type=int, default=2)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2,
+                        help="DataLoader worker processes for the processes comparison")
+    parser.add_argument("--threads", default="1,2",
+                        help="comma-separated reader-thread counts for the threaded loader")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of all measures, interleaved; the best of each counts")
     parser.add_argument("--out", default="bench/results/loader.json")
     args = parser.parse_args()
 
@@ -94,24 +130,51 @@ def main() -> int:
     import xarray as xr
 
     xds = xr.open_zarr(info.path, consolidated=True)
-    ours = rate(lambda i: dataset[i], order)
-    limit = rate(lambda i: arr[ranges[order.index(i)][0]:ranges[order.index(i)][1]], order)
-    naive = rate(lambda i: xds["data"].isel(time=slice(*ranges[order.index(i)])).values,
-                 order[:16])
+    reused = np.empty((args.history + 1, *arr.shape[1:]), dtype=arr.dtype)
+    out = default_buffer_prototype().nd_buffer.from_numpy_array(reused)
     full_order = list(sampler)
     all_ranges = [(int(dataset.times[i]) - args.history + 1, int(dataset.times[i]) + 2)
                   for i in full_order]
-    ours_parallel = loader_rate(dataset, sampler, args.workers, 8)
-    limit_parallel = parallel_zarr_rate(info.path, all_ranges, args.workers)
+    threads = [int(x) for x in args.threads.split(",")]
+    measures: dict[str, Callable[[], float]] = {
+        "pipeline": lambda: rate(lambda i: dataset[i], order),
+        "zarr_limit": lambda: rate(lambda i: arr[slice(*ranges[order.index(i)])], order),
+        "zarr_reused_buffer": lambda: rate(
+            lambda i: arr.get_basic_selection(slice(*ranges[order.index(i)]), out=out), order),
+        "xarray_per_sample": lambda: rate(
+            lambda i: xds["data"].isel(time=slice(*ranges[order.index(i)])).values, order[:16]),
+        "dataloader": lambda: loader_rate(dataset, sampler, args.workers, 8),
+    }
+    for n in sorted({args.workers, *threads} - {1}):
+        measures[f"zarr_{n}_processes"] = partial(parallel_zarr_rate, info.path, all_ranges, n)
+    for n in threads:
+        measures[f"threads_{n}"] = partial(threads_rate, dataset, sampler, n, 8)
+    # the machine is shared: every measure runs once per round, rounds interleave them,
+    # and the best round counts
+    best: dict[str, float] = {}
+    for _ in range(args.rounds):
+        for name, measure in measures.items():
+            best[name] = max(best.get(name, 0.0), measure())
+    ours, limit, naive = best["pipeline"], best["zarr_limit"], best["xarray_per_sample"]
+    ours_parallel, limit_parallel = best["dataloader"], best[f"zarr_{args.workers}_processes"]
+    threaded = {}
+    for n in threads:
+        zarr_n = limit if n == 1 else best[f"zarr_{n}_processes"]
+        threaded[f"{n}_threads"] = {"pipeline_threads": round(best[f"threads_{n}"], 1),
+                                    "zarr_limit_same_parallelism": round(zarr_n, 1),
+                                    "ratio": round(best[f"threads_{n}"] / zarr_n, 2)}
 
     write_result(args.out, {
         "benchmark": "loader",
         "machine": machine(),
         "store": {"shape": list(arr.shape), "history": args.history, "sample_mb": round(sample_mb, 2)},
+        "rounds": args.rounds,
         "one_process_samples_per_s": {"pipeline": round(ours, 1), "zarr_limit": round(limit, 1),
+                                      "zarr_reused_buffer": round(best["zarr_reused_buffer"], 1),
                                       "xarray_per_sample": round(naive, 1)},
         f"{args.workers}_processes_samples_per_s": {"pipeline_dataloader": round(ours_parallel, 1),
                                                     "zarr_limit": round(limit_parallel, 1)},
+        "threaded_loader_samples_per_s": threaded,
         "ratio_pipeline_over_zarr_limit": round(ours / limit, 2),
         "ratio_pipeline_over_zarr_limit_parallel": round(ours_parallel / limit_parallel, 2),
         "ratio_pipeline_over_xarray": round(ours / naive, 1),

@@ -1,11 +1,13 @@
 """Training throughput on a 1.5-degree store (121 x 240, 61 channels), bf16 on a GPU.
 
-Runs the plain loop (``pipeline.train.loop``, no Ray: one device) with DataLoader
-workers, and records samples/s, the data-wait fraction and the device, once for each
-loader-worker count given. The goal on a GPU is a data-wait fraction under 5 %. It runs
-on CPU too (fp32), e.g. with ``--steps 8 --loader-workers 2``.
+Runs the plain loop (``pipeline.train.loop``, no Ray: one device) and records
+samples/s, the data-wait fraction and the device, once for each loader backend
+(``threads``: the ThreadedBatchLoader; ``processes``: torch DataLoader workers) and
+each loader-worker count given. The goal on a GPU is a data-wait fraction under 5 %.
+It runs on CPU too (fp32), e.g. with ``--steps 8 --loader-workers 2``.
 
-    python -m bench.train_gpu --steps 200 --loader-workers 4,8 --out bench/results/train_gpu.json
+    python -m bench.train_gpu --steps 200 --batch-size 16 --loader threads,processes \
+        --loader-workers 4,8 --out bench/results/train_gpu.json
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -25,22 +28,26 @@ from pipeline.config import load_config
 from pipeline.train.loop import local_runtime, train_loop
 
 
-def run_one(config: Path, args: argparse.Namespace, loader_workers: int, gpu: bool) -> dict[str, Any]:
-    """Train ``args.steps`` steps with ``loader_workers`` DataLoader workers; summarise."""
+def run_one(config: Path, args: argparse.Namespace, loader: str, loader_workers: int,
+            gpu: bool) -> dict[str, Any]:
+    """Train ``args.steps`` steps with ``loader_workers`` threads or processes; summarise."""
     every = max(1, args.steps // 4)
+    name = f"train-{'gpu' if gpu else 'cpu'}-{args.arch}-{loader}{loader_workers}-b{args.batch_size}"
     cfg = load_config(config, [
-        f"name=train-{'gpu' if gpu else 'cpu'}-{args.arch}-w{loader_workers}-b{args.batch_size}",
-        f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}",
-        f"train.loader_workers={loader_workers}", "train.prefetch_factor=4",
+        f"name={name}", f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}",
+        f"train.loader={loader}", f"train.loader_workers={loader_workers}",
+        "train.prefetch_factor=4",
         f"train.use_gpu={str(gpu).lower()}", "train.precision=auto",
         f"train.val_every={args.steps}", f"train.checkpoint_every={every}",
         f"model.arch={args.arch}", f"model.width={args.width}", "train.warmup_steps=5"])
+    shutil.rmtree(cfg.run_dir(), ignore_errors=True)  # a fresh run, not a resume of the last
     started = time.perf_counter()
     train_loop(cfg, local_runtime(cfg))
     wall = time.perf_counter() - started
     rows = [json.loads(line) for line in (cfg.run_dir() / "metrics.jsonl").read_text().splitlines()]
     steady = rows[1:] or rows  # the first window holds start-up (workers, cuDNN autotune)
     return {
+        "loader": loader,
         "loader_workers": loader_workers,
         "samples_per_s": round(sum(r["samples_per_s"] for r in steady) / len(steady), 2),
         "data_wait_fraction": round(sum(r["data_wait_fraction"] for r in steady) / len(steady), 4),
@@ -54,8 +61,10 @@ def main() -> int:
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "pipeline-bench"))
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--loader", default="threads,processes",
+                        help="comma-separated loader backends (threads, processes), one run each")
     parser.add_argument("--loader-workers", default="4",
-                        help="comma-separated DataLoader worker counts, one run each")
+                        help="comma-separated reader thread / worker process counts, one run each")
     parser.add_argument("--build-workers", type=int, default=min(8, os.cpu_count() or 2),
                         help="Dask processes that build the store when it is missing")
     parser.add_argument("--arch", default="unet")
@@ -67,7 +76,8 @@ def main() -> int:
     config = ensure_store(Path(args.workdir), months=1, workers=args.build_workers)
     build_s = time.perf_counter() - started
     gpu = torch.cuda.is_available()
-    runs = [run_one(config, args, int(n), gpu) for n in args.loader_workers.split(",")]
+    runs = [run_one(config, args, backend, int(n), gpu) for backend in args.loader.split(",")
+            for n in args.loader_workers.split(",")]
     write_result(args.out, {
         "benchmark": "train_gpu",
         "machine": machine(),

@@ -205,8 +205,14 @@ class Train(Section):
     early_stopping_min_delta: float = Field(
         0.0, ge=0, description="Relative decrease of val loss that counts as improvement.")
     seed: int = 0
-    loader_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
-    prefetch_factor: int = Field(2, ge=1)
+    loader: Literal["auto", "threads", "processes"] = Field(
+        "auto", description="How batches are read: 'threads' (reader threads in the training "
+        "process filling reused, pinned batch buffers), 'processes' (torch DataLoader worker "
+        "processes), 'auto' (threads on a GPU, processes on CPU; see Trainer.loader_backend).")
+    loader_workers: int = Field(0, ge=0, description="Reader threads or DataLoader worker "
+                                "processes, as train.loader says; 0 reads in the training thread.")
+    prefetch_factor: int = Field(2, ge=1, description="Batches read ahead (per worker process "
+                                 "for 'processes').")
     shuffle_block: int = Field(8, ge=1, description="Time steps per shuffle block.")
     tensorboard: bool = Field(False, description="Also write metrics to <run>/tensorboard/.")
     init_from: str | None = Field(

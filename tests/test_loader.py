@@ -1,7 +1,10 @@
-"""The torch Dataset and sampler over a finished store."""
+"""The torch Dataset, the sampler and the threaded batch loader over a finished store."""
 
 from __future__ import annotations
 
+import shutil
+import threading
+from concurrent.futures import wait
 from pathlib import Path
 
 import numpy as np
@@ -9,9 +12,21 @@ import pytest
 import torch
 import xarray as xr
 import zarr
+from torch.utils.data import DataLoader
 
-from pipeline.data.loader import BlockShuffleSampler, ForecastDataset, StoreInfo, sample_times
+from pipeline.config import config_from_dict
+from pipeline.data.loader import (
+    THREAD_PREFIX,
+    BlockShuffleSampler,
+    ForecastDataset,
+    StoreInfo,
+    ThreadedBatchLoader,
+    sample_times,
+)
 from pipeline.errors import ConfigError, StoreError
+from pipeline.train import checkpoint
+from pipeline.train.loop import local_runtime, train_loop
+from tests.conftest import train_config
 
 pytestmark = pytest.mark.integration
 
@@ -92,3 +107,132 @@ def test_loader_workers_read_the_same_samples(tiny_store: Path) -> None:
                         prefetch_factor=2)
     got = [int(x) for batch, _ in zip(loader, range(2), strict=False) for x in batch["index"]]
     assert got == direct
+
+
+# --------------------------------------------------------------------------- threaded loader
+
+
+def loader_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX)]
+
+
+def corrupt_shard(tiny_store: Path, tmp_path: Path) -> Path:
+    """A copy of the store whose shard of time steps 32-47 has a wrong index checksum."""
+    store = tmp_path / "store.zarr"
+    shutil.copytree(tiny_store, store)
+    shard = store / "data" / "c" / "2" / "0" / "0" / "0"  # shard_size 16: steps 32..47
+    shard.write_bytes(shard.read_bytes()[:-4] + bytes(4))  # the CRC32C ends the index
+    return store
+
+
+def test_read_into_handles_channels_that_are_not_consecutive(tiny_store: Path) -> None:
+    ds = ForecastDataset(StoreInfo(tiny_store), "train", history=2, lead=1, rollout=2)
+    assert isinstance(ds._outputs, slice)  # this store's outputs are consecutive
+    expected = ds[7]
+    ds._outputs = np.asarray(ds.layout.outputs)  # the index-array path, same channels
+    got = ds[7]
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_threaded_loader_yields_the_dataloader_batches_bitwise(tiny_store: Path,
+                                                               workers: int) -> None:
+    ds = ForecastDataset(StoreInfo(tiny_store), "train", history=2, lead=1, rollout=2)
+    sampler = BlockShuffleSampler(len(ds), 4, seed=1)
+    reference = DataLoader(ds, batch_size=4, sampler=sampler, drop_last=True)
+    with ThreadedBatchLoader(ds, sampler, 4, workers, prefetch=2) as loader:
+        # a whole epoch, a start mid-epoch (resume), then the next epoch on the same buffers
+        for epoch, start in [(0, 0), (1, 5), (2, 0)]:
+            sampler.set_epoch(epoch, start)
+            expected = list(reference)
+            assert len(expected) == len(loader) == len(ds) // 4 - start
+            iterator = iter(loader)
+            for want, batch in zip(expected, iterator, strict=True):
+                # every read in flight has finished: none may have written into this batch
+                wait([f for _, futures in iterator.pending for f in futures])
+                assert batch.keys() == want.keys()
+                for key in want:
+                    assert batch[key].dtype == want[key].dtype
+                    assert torch.equal(batch[key], want[key]), (epoch, key)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_threaded_loader_buffers_outlive_the_asynchronous_copy(tiny_store: Path) -> None:
+    cuda = torch.device("cuda")
+    ds = ForecastDataset(StoreInfo(tiny_store), "train", history=2, lead=1, rollout=2)
+    sampler = BlockShuffleSampler(len(ds), 4, seed=2)
+    expected = list(DataLoader(ds, batch_size=4, sampler=sampler, drop_last=True))
+    copies = []
+    # about a second of GPU work ahead of every copy: the copies run long after the loop
+    # has asked for the next batches, so a buffer refilled too early would be copied
+    torch.cuda._sleep(2_000_000_000)
+    with ThreadedBatchLoader(ds, sampler, 4, workers=2, prefetch=2, device=cuda) as loader:
+        for batch in loader:
+            assert all(t.is_pinned() for t in batch.values())
+            copies.append({k: v.to(cuda, non_blocking=True) for k, v in batch.items()})
+    torch.cuda.synchronize()
+    for want, got in zip(expected, copies, strict=True):
+        for key in want:
+            assert torch.equal(got[key].cpu(), want[key]), key
+
+
+def test_a_reader_error_surfaces_with_its_message(tiny_store: Path, tmp_path: Path) -> None:
+    ds = ForecastDataset(StoreInfo(corrupt_shard(tiny_store, tmp_path)), "train", 1, 1)
+    sampler = BlockShuffleSampler(len(ds), 4, seed=0)
+    order = list(sampler)
+    first_bad = next(k for k, i in enumerate(order) if 31 <= ds.times[i] <= 47)
+    with pytest.raises(ValueError) as direct:
+        ds[order[first_bad]]
+    assert "checksum" in str(direct.value)
+    seen = 0
+    with (ThreadedBatchLoader(ds, sampler, 4, workers=2, prefetch=2) as loader,
+          pytest.raises(ValueError) as err):
+        for _ in loader:
+            seen += 1
+    assert type(err.value) is type(direct.value) and str(err.value) == str(direct.value)
+    assert seen == first_bad // 4  # every batch before the broken one arrived
+    assert loader_threads() == []
+
+
+def test_reader_threads_end_on_close(tiny_store: Path) -> None:
+    ds = ForecastDataset(StoreInfo(tiny_store), "train", 1, 1)
+    loader = ThreadedBatchLoader(ds, BlockShuffleSampler(len(ds), 4), 4, workers=3, prefetch=3)
+    next(iter(loader))  # leaves reads in flight
+    assert loader_threads()
+    loader.close()
+    assert loader_threads() == []
+    loader.close()  # idempotent
+    with pytest.raises(RuntimeError, match="closed"):
+        iter(loader)
+
+
+def test_plain_loop_trains_bitwise_alike_with_threads_and_processes(tiny_store: Path,
+                                                                    tmp_path: Path) -> None:
+    weights = {}
+    for backend in ("threads", "processes"):
+        # batch 16: 11 batches per epoch, so 14 steps cross an epoch boundary; the threads
+        # run also stops at step 6 and resumes mid-epoch
+        cfg = config_from_dict(train_config(tiny_store, tmp_path / backend, max_steps=14,
+                                            batch_size=16, val_every=14, checkpoint_every=14,
+                                            loader=backend, loader_workers=2))
+        if backend == "threads":
+            train_loop(cfg, local_runtime(cfg), stop_at=6)
+            assert checkpoint.list_steps(cfg.run_dir() / "checkpoints")[0].name.endswith("06")
+        train_loop(cfg, local_runtime(cfg))
+        weights[backend] = checkpoint.load(checkpoint.list_steps(
+            cfg.run_dir() / "checkpoints")[0])[0]["model"]
+    assert weights["threads"].keys() == weights["processes"].keys()
+    for name in weights["threads"]:
+        assert torch.equal(weights["threads"][name], weights["processes"][name]), name
+    assert loader_threads() == []
+
+
+def test_training_error_in_a_reader_stops_the_threads(tiny_store: Path, tmp_path: Path) -> None:
+    store = corrupt_shard(tiny_store, tmp_path)
+    cfg = config_from_dict(train_config(store, tmp_path, max_steps=30, loader="threads",
+                                        loader_workers=2))
+    with pytest.raises(ValueError, match="checksum"):
+        train_loop(cfg, local_runtime(cfg))
+    assert loader_threads() == []

@@ -1,4 +1,5 @@
-"""Training samples straight from the Zarr store: a torch Dataset and a sampler.
+"""Training samples straight from the Zarr store: a torch Dataset, a sampler, and a
+threaded batch loader.
 
 A sample is ``history`` consecutive input steps ending at time index ``t`` (all
 channels), the forcing channels at each target time, and the predicted channels
@@ -6,13 +7,18 @@ channels), the forcing channels at each target time, and the predicted channels
 with the store's statistics. Reads go through zarr directly, one call per sample for
 the contiguous range of steps it needs (each step is one chunk): no dask and no xarray
 on the hot path. The store is opened lazily in each process, so DataLoader workers
-(forked or spawned) each get their own handle.
+(forked or spawned) each get their own handle. ``ThreadedBatchLoader`` reads batches
+with threads of the training process instead, into reused (pinned) batch buffers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import Iterator
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -22,12 +28,15 @@ import torch
 import xarray as xr
 import zarr
 from torch.utils.data import Dataset, Sampler
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.indexing import BasicIndexer
 
 from pipeline.data import store
 from pipeline.data.sources import within
 from pipeline.errors import ConfigError, StoreError
 
 OUTPUT_ROLES = ("prognostic", "derived")
+THREAD_PREFIX = "pipeline-loader"  # names of the ThreadedBatchLoader's reader threads
 
 
 @dataclass(frozen=True)
@@ -122,8 +131,20 @@ def sample_times(first: int, last: int, history: int, lead: int, rollout: int) -
     return np.arange(lo, hi + 1) if hi >= lo else np.arange(0)
 
 
+def _channel_selector(channels: tuple[int, ...]) -> slice | np.ndarray:
+    """A slice when the channels are consecutive (a view, no copy), else an index array."""
+    if channels and channels == tuple(range(channels[0], channels[-1] + 1)):
+        return slice(channels[0], channels[-1] + 1)
+    return np.asarray(channels, dtype=np.int64)
+
+
 class ForecastDataset(Dataset):
-    """Normalised (inputs, target forcings, targets) samples of one split of a store."""
+    """Normalised (inputs, target forcings, targets) samples of one split of a store.
+
+    :meth:`read_into` writes one sample into arrays the caller owns (the batch buffers of
+    :class:`ThreadedBatchLoader`); ``__getitem__`` allocates them (the DataLoader path).
+    Both give bitwise the same values.
+    """
 
     def __init__(self, info: StoreInfo, split: str, history: int, lead: int, rollout: int = 1):
         if history < 1 or lead < 1 or rollout < 1:
@@ -139,10 +160,26 @@ class ForecastDataset(Dataset):
                               f"rollout={rollout}", "shorten them or widen the split")
         mean, std = info.normalisation()
         self._mean, self._inv_std = mean[:, None, None], (1.0 / std)[:, None, None]
-        self._outputs = np.asarray(self.layout.outputs)
-        self._forcings = np.asarray(self.layout.forcings, dtype=np.int64)
+        self._outputs = _channel_selector(self.layout.outputs)
+        self._forcings = _channel_selector(self.layout.forcings)
+        grid = (info.lat.size, info.lon.size)
+        n_out, n_forcing = len(self.layout.outputs), len(self.layout.forcings)
+        self.sample_shapes: dict[str, tuple[int, ...]] = {
+            "inputs": (history, len(self.layout.channels), *grid),
+            "target_forcings": (rollout, n_forcing, *grid),
+            "targets": (rollout, n_out, *grid),
+        }
+        self._block_shape = (history + lead * rollout, len(self.layout.channels), *grid)
         self._array: zarr.Array | None = None
         self._pid = -1
+        self._local = threading.local()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the zarr handle and the per-thread read buffers stay in the process that made them
+        return {**self.__dict__, "_array": None, "_pid": -1, "_local": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _local=threading.local())
 
     def __len__(self) -> int:
         return int(self.times.size)
@@ -153,24 +190,53 @@ class ForecastDataset(Dataset):
             self._pid = os.getpid()
         return self._array
 
-    def read_steps(self, t: int) -> np.ndarray:
-        """The normalised steps ``t - history + 1 .. t + lead * rollout`` in one read."""
-        block = self._data()[t - self.history + 1: t + self.lead * self.rollout + 1]
-        block -= self._mean  # in place: the read returned a fresh array
-        block *= self._inv_std
+    def _read_block(self, t: int, loop: asyncio.AbstractEventLoop | None) -> np.ndarray:
+        """The raw steps ``t - history + 1 .. t + lead * rollout`` in one zarr read, into
+        this thread's reused buffer: a fresh 10-20 MB array per read costs more in page
+        faults than the normalisation (bench/loader.py).
+
+        Without ``loop`` the read goes through zarr's sync API, which runs every read of
+        the process on zarr's one event-loop thread; that thread also copies each decoded
+        chunk into the result (twice for sharded arrays) and was 80 % busy with two reader
+        threads on two cores (py-spy). With ``loop`` (an event loop owned by the calling
+        thread) the same read runs on it, so reader threads copy in parallel.
+        """
+        block = getattr(self._local, "block", None)
+        if block is None:
+            block = self._local.block = np.empty(self._block_shape, dtype=np.float32)
+        lo = t - self.history + 1
+        selection = slice(lo, lo + block.shape[0])
+        prototype = default_buffer_prototype()
+        out = prototype.nd_buffer.from_numpy_array(block)
+        if loop is None:
+            self._data().get_basic_selection(selection, out=out)
+        else:
+            array = self._data().async_array
+            indexer = BasicIndexer(selection, array.shape, array.metadata.chunk_grid)
+            # what Array.get_basic_selection awaits, on this thread's loop
+            loop.run_until_complete(array._get_selection(indexer, prototype=prototype, out=out))
         return block
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+    def read_into(self, i: int, inputs: np.ndarray, target_forcings: np.ndarray,
+                  targets: np.ndarray, loop: asyncio.AbstractEventLoop | None = None) -> int:
+        """Write sample ``i``, normalised, into the given float32 arrays (shapes as in
+        ``sample_shapes``) and return its time index ``t``. ``loop``: an event loop of
+        the calling thread to run the zarr read on (see ``_read_block``)."""
         t = int(self.times[i])
-        block = self.read_steps(t)
+        block = self._read_block(t, loop)
         h = self.history
-        targets = block[h - 1 + self.lead:: self.lead][: self.rollout]
-        return {
-            "inputs": torch.from_numpy(block[:h]),  # a contiguous view: no copy
-            "target_forcings": torch.from_numpy(np.ascontiguousarray(targets[:, self._forcings])),
-            "targets": torch.from_numpy(np.ascontiguousarray(targets[:, self._outputs])),
-            "index": torch.tensor(t),
-        }
+        np.subtract(block[:h], self._mean, out=inputs)
+        inputs *= self._inv_std
+        rows = block[h - 1 + self.lead:: self.lead][: self.rollout]  # a view
+        for out, channels in ((target_forcings, self._forcings), (targets, self._outputs)):
+            np.subtract(rows[:, channels], self._mean[channels], out=out)
+            out *= self._inv_std[channels]
+        return t
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        arrays = {k: np.empty(shape, dtype=np.float32) for k, shape in self.sample_shapes.items()}
+        t = self.read_into(i, arrays["inputs"], arrays["target_forcings"], arrays["targets"])
+        return {**{k: torch.from_numpy(a) for k, a in arrays.items()}, "index": torch.tensor(t)}
 
 
 class BlockShuffleSampler(Sampler[int]):
@@ -212,3 +278,194 @@ class BlockShuffleSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return (self.batches_per_epoch - self.start_batch) * self.batch_size
+
+
+class _InlineExecutor:
+    """Runs each task at once in the calling thread (``workers=0``: no reader threads)."""
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> Future[None]:
+        future: Future[None] = Future()
+        try:
+            fn(*args)
+        except BaseException as err:  # surfaces from future.result() like a thread's error
+            future.set_exception(err)
+        else:
+            future.set_result(None)
+        return future
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        pass
+
+
+class ThreadedBatchLoader:
+    """Batches read by a pool of threads in this process into a ring of reused buffers.
+
+    Zarr reads, Blosc decompression and the numpy normalisation release the GIL, so
+    threads read in parallel without the DataLoader's process transport (a fresh
+    shared-memory batch per step, pickling, a pin-memory copy in one thread). Each
+    sample of a batch is one task that writes straight into its slice of a
+    preallocated batch buffer (pinned when the device is CUDA). ``prefetch`` batches
+    are in flight while the consumer holds one, so the ring has ``prefetch + 1``
+    buffers, allocated once. Batches come in the sampler's order, the same batches
+    as ``DataLoader(dataset, batch_size, sampler=sampler, drop_last=True)``, bitwise.
+
+    A yielded batch is valid until the consumer asks for the next one: then its
+    buffer is reused. On CUDA the buffer is refilled only after the work queued on
+    the current stream by then (the consumer's ``.to(device, non_blocking=True)``
+    copy) has completed: a CUDA event recorded at that moment, waited on by the
+    reader threads, not by the consumer. An error in a reader is raised in the
+    consumer with its original type and message. ``close()`` (or the ``with`` block)
+    stops and joins the threads; starting a new iteration ends the previous one.
+    """
+
+    def __init__(self, dataset: ForecastDataset, sampler: Sampler[int], batch_size: int,
+                 workers: int, prefetch: int = 2, device: torch.device | None = None):
+        if workers < 0 or prefetch < 1 or batch_size < 1:
+            raise ConfigError(f"threaded loader needs workers >= 0, prefetch >= 1 and "
+                              f"batch_size >= 1, got {workers}, {prefetch}, {batch_size}",
+                              "fix train.loader_workers, train.prefetch_factor or train.batch_size")
+        self.dataset, self.sampler, self.batch_size = dataset, sampler, batch_size
+        self.device = device or torch.device("cpu")
+        self._cuda = self.device.type == "cuda"
+        # without reader threads a batch is read when asked for: nothing to prefetch
+        slots = prefetch + 1 if workers > 0 else 1
+        self._tensors = [self._allocate() for _ in range(slots)]
+        self._arrays = [{k: v.numpy() for k, v in b.items()} for b in self._tensors]
+        # per slot: the CUDA event to wait for before refilling it (None: free to write)
+        self._ready: list[torch.cuda.Event | None] = [None] * slots
+        self._pool: ThreadPoolExecutor | _InlineExecutor = (
+            ThreadPoolExecutor(workers, thread_name_prefix=THREAD_PREFIX) if workers > 0
+            else _InlineExecutor())
+        # each reader thread runs its zarr reads on its own event loop (see
+        # ForecastDataset._read_block); the loops share one pool for file reads and
+        # decompression, sized like asyncio's default
+        io_threads = max(workers, min(32, (os.cpu_count() or 1) + 4))
+        self._io = ThreadPoolExecutor(io_threads, thread_name_prefix=f"{THREAD_PREFIX}-io")
+        self._local = threading.local()
+        self._loops: list[asyncio.AbstractEventLoop] = []
+        self._lock = threading.Lock()
+        self._epoch: _EpochIterator | None = None
+        self._closed = False
+
+    def _allocate(self) -> dict[str, torch.Tensor]:
+        b = self.batch_size
+        batch = {k: torch.empty((b, *shape), dtype=torch.float32, pin_memory=self._cuda)
+                 for k, shape in self.dataset.sample_shapes.items()}
+        batch["index"] = torch.empty(b, dtype=torch.int64, pin_memory=self._cuda)
+        return batch
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self._closed:
+            raise RuntimeError("the loader is closed")
+        if self._epoch is not None:
+            self._epoch.close()
+        order = np.fromiter(iter(self.sampler), dtype=np.int64)
+        n = order.size // self.batch_size  # drop_last, like the DataLoader path
+        self._epoch = _EpochIterator(self, order[: n * self.batch_size].reshape(n, self.batch_size))
+        return self._epoch
+
+    def _release(self, slot: int) -> None:
+        """The consumer is done with ``slot``; on CUDA, mark the copies queued so far."""
+        if self._cuda:
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.device))
+            self._ready[slot] = ready
+
+    def _read(self, slot: int, row: int, i: int, ready: torch.cuda.Event | None) -> None:
+        if ready is not None:
+            ready.synchronize()  # the consumer's copy out of this buffer has finished
+        out = self._arrays[slot]
+        out["index"][row] = self.dataset.read_into(i, out["inputs"][row], out["target_forcings"][row],
+                                                   out["targets"][row], self._thread_loop())
+
+    def _thread_loop(self) -> asyncio.AbstractEventLoop | None:
+        """This reader thread's event loop; None without reader threads (zarr's own loop)."""
+        if isinstance(self._pool, _InlineExecutor):
+            return None
+        loop = getattr(self._local, "loop", None)
+        if loop is None:
+            loop = self._local.loop = asyncio.new_event_loop()
+            loop.set_default_executor(self._io)
+            with self._lock:
+                self._loops.append(loop)
+        return loop
+
+    def close(self) -> None:
+        """End the current iteration and join the reader threads (idempotent)."""
+        if self._epoch is not None:
+            self._epoch.close()
+            self._epoch = None
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            for loop in self._loops:
+                loop.close()  # no reader runs it any more
+            self._loops.clear()
+        self._io.shutdown(wait=True)
+        self._closed = True
+
+    def __enter__(self) -> ThreadedBatchLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _EpochIterator:
+    """One pass over a batch order: keeps ``slots - 1`` batches in flight."""
+
+    def __init__(self, loader: ThreadedBatchLoader, batches: np.ndarray):
+        self.loader, self.batches = loader, batches
+        self.free = deque(range(len(loader._tensors)))
+        self.pending: deque[tuple[int, list[Future[None]]]] = deque()
+        self.submitted = 0
+        self.held: int | None = None  # the slot the consumer has
+        self.done = False
+
+    def __iter__(self) -> _EpochIterator:
+        return self
+
+    def _fill(self) -> None:
+        while self.free and self.submitted < len(self.batches):
+            slot = self.free.popleft()
+            ready = self.loader._ready[slot]  # kept: waiting on a done event costs nothing
+            pool = self.loader._pool
+            futures = [pool.submit(self.loader._read, slot, row, int(i), ready)
+                       for row, i in enumerate(self.batches[self.submitted])]
+            self.pending.append((slot, futures))
+            self.submitted += 1
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self.done:
+            raise StopIteration
+        if self.held is not None:  # the consumer asks for the next: it is done with this one
+            self.loader._release(self.held)
+            self.free.append(self.held)
+            self.held = None
+        self._fill()
+        if not self.pending:
+            self.close()
+            raise StopIteration
+        slot, futures = self.pending.popleft()
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:
+            self.close()
+            raise
+        self.held = slot
+        return self.loader._tensors[slot]
+
+    def close(self) -> None:
+        """Cancel the batches not started and wait for the reads under way."""
+        self.done = True
+        if self.held is not None:
+            self.loader._release(self.held)
+            self.held = None
+        futures = [f for _, fs in self.pending for f in fs]
+        for future in futures:
+            future.cancel()
+        wait(futures)
+        self.pending.clear()
