@@ -348,11 +348,16 @@ def launch_train(cfg: Config, address: str | None = None) -> Any:
              "workers", alloc.job_id, len(alloc.nodes), ",".join(alloc.nodes),
              alloc.cpus_per_task, alloc.gpus_per_node, cfg.train.workers)
     early: list[int] = []  # a signal before training starts: stop right after start-up
-    previous = {sig: signal.signal(sig, lambda signum, _f: early.append(signum))
-                for sig in (signal.SIGTERM, signal.SIGUSR1)}
+
+    def note(signum: int, _frame: Any) -> None:
+        early.append(signum)
+
+    previous = {sig: signal.signal(sig, note) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     cluster = RayCluster(alloc, cfg, srun_workers=not alloc.in_step)
     try:
         cluster.start()
+        for sig in previous:  # ray.init replaced the SIGTERM handler
+            signal.signal(sig, note)
         if early:
             log.warning("signal %d during start-up: not training, requeueing", early[0])
             result = TrainResult(run_dir=cfg.run_dir(), metrics={}, preempted=True)

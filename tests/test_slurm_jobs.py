@@ -161,3 +161,23 @@ def test_train_under_srun_uses_one_task_per_node(slurm_cluster, tiny_store: Path
     assert re.search(r"node n2 at \S+: 1 CPUs", text), text
     metrics = (tmp_path / "runs" / "slurm" / "metrics.jsonl").read_text().splitlines()
     assert json.loads(metrics[-1])["step"] == 10
+
+
+def test_a_node_that_never_joins_fails_the_job_naming_it(slurm_cluster, tiny_store: Path,
+                                                         tmp_path: Path) -> None:
+    """A 2-node allocation where only n1 runs a task: n2's Ray node never joins, and the
+    job ends after slurm.node_timeout with an error that names n2."""
+    cfg = slurm_config(tmp_path, tiny_store.parent, node_timeout=15)
+    cfg["data"]["store"] = str(tiny_store)
+    config = write_config(tmp_path / "c.yaml", cfg)
+    log = tmp_path / "job.out"
+    command = f"srun --nodes=1 --ntasks=1 --nodelist=n1 {sys.executable} -m pipeline train {config}"
+    job = slurm_cluster.run("sbatch", "--parsable", "-N", "2", "--ntasks-per-node", "1",
+                            "--cpus-per-task", "1", "-o", str(log), "--chdir", str(tmp_path),
+                            "--wrap", command).stdout.strip()
+    state = slurm_cluster.wait_job(job, timeout=300)
+    text = log.read_text()
+    assert state["JobState"] == "FAILED" and state["ExitCode"] == "2:0", text
+    errors = [line for line in text.splitlines() if line.startswith("error: ")]
+    assert errors and "Ray nodes missing after 15 s: n2 " in errors[0], text
+    assert not (tmp_path / "runs" / "slurm" / "checkpoints").exists()

@@ -60,6 +60,8 @@ def test_plain_loop_learns_and_beats_persistence(tiny_store: Path, tmp_path: Pat
     assert set(final["val_rmse"]) == {"t2m", "msl", "t850", "t500", "u850", "v850", "ws850"}
     assert 0 <= final["data_wait_fraction"] <= 1 and final["samples_per_s"] > 0
     assert (cfg.run_dir() / "best" / "meta.json").exists()
+    progress = json.loads((cfg.run_dir() / "progress.json").read_text())  # the terminal bar's
+    assert progress["step"] == 40 and progress["max_steps"] == 40
 
 
 def test_plain_loop_resumes_bitwise_mid_epoch(tiny_store: Path, tmp_path: Path) -> None:

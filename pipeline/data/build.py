@@ -489,7 +489,7 @@ def dask_client(workers: int | None, scheduler: str | None,
         return
     n = workers or max(1, min(os.cpu_count() or 1, 4))
     with LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                      memory_limit=memory_limit or "auto", dashboard_address=None,
+                      memory_limit=memory_limit or "auto", dashboard_address=":0",
                       silence_logs=logging.WARNING) as cluster, \
             Client(cluster) as client:
         yield client

@@ -36,6 +36,7 @@ from pipeline.data.loader import (
 from pipeline.errors import CheckpointError
 from pipeline.train import checkpoint
 from pipeline.train.models import area_weighted_mse, build_model
+from pipeline.train.progress import ProgressWriter
 
 log = logging.getLogger(__name__)
 
@@ -398,6 +399,8 @@ class Trainer:
         t, p = self.cfg.train, self.progress
         last: dict[str, Any] = {}
         window = {"wait": 0.0, "total": 0.0, "samples": 0, "loss": 0.0, "steps": 0}
+        self.progress_file = ProgressWriter(self.rt.run_dir, t.max_steps) \
+            if self.rt.rank == 0 else None
         stop = p.step >= t.max_steps
         while not stop:
             self.sampler.set_epoch(p.epoch, p.batch_in_epoch)
@@ -417,6 +420,9 @@ class Trainer:
                 window["steps"] += 1
                 tick = done
                 stop = self._should_stop()
+                if self.progress_file is not None:
+                    self.progress_file.update(p.step, loss, window["samples"] /
+                                              max(window["total"], 1e-9), force=stop)
                 if p.step % t.val_every == 0 or p.step % t.checkpoint_every == 0 or stop:
                     last = self._evaluate_and_save(window, stop)
                     window = {k: 0.0 if isinstance(v, float) else 0 for k, v in window.items()}

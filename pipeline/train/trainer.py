@@ -16,12 +16,14 @@ import logging
 import os
 import signal
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, config_from_dict, dump_config
 from pipeline.errors import PipelineError
+from pipeline.train.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -129,16 +131,20 @@ def train(cfg: Config, address: str | None = None, stop_at: int | None = None) -
         stop_file.parent.mkdir(parents=True, exist_ok=True)
         stop_file.touch()
 
-    for sig in previous:  # first: a preemption signal may come at any time
-        signal.signal(sig, request_stop)
+    def install() -> None:
+        for sig in previous:
+            signal.signal(sig, request_stop)
+
+    install()  # first: a preemption signal may come at any time
     try:
-        return _fit(cfg, address, stop_at, stop_file)
+        return _fit(cfg, address, stop_at, install)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def _fit(cfg: Config, address: str | None, stop_at: int | None, stop_file: Path) -> TrainResult:
+def _fit(cfg: Config, address: str | None, stop_at: int | None,
+         install_handlers: Callable[[], None]) -> TrainResult:
     preflight(cfg)
     run_dir = cfg.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -152,6 +158,7 @@ def _fit(cfg: Config, address: str | None, stop_at: int | None, stop_file: Path)
         ray.init(address=address, log_to_driver=True,
                  **({} if address else {"num_cpus": max(os.cpu_count() or 1,
                                                         cfg.train.workers * cfg.train.cpus_per_worker)}))
+        install_handlers()  # again: ray.init installs its own SIGTERM handler in the driver
     t = cfg.train
     trainer = TorchTrainer(
         _worker,
@@ -164,12 +171,14 @@ def _fit(cfg: Config, address: str | None, stop_at: int | None, stop_file: Path)
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints)),
     )
     try:
-        result = trainer.fit()
+        with progress_bar(run_dir, t.max_steps):
+            result = trainer.fit()
     except Exception as err:
         user = _user_error(err)
         if user is not None:
             raise user from None
         raise
+    stop_file = run_dir / STOP_FILE
     preempted = stop_file.exists()
     stop_file.unlink(missing_ok=True)
     return TrainResult(run_dir=run_dir, metrics=dict(result.metrics or {}), preempted=preempted)
