@@ -142,6 +142,18 @@ def test_scheduled_retraining_queues_its_next_run(slurm_cluster, tiny_raw: Path,
     slurm_cluster.run("scancel", pending[0])
 
 
+def srun_train_in_two_node_job(cluster: Any, config: Path, tmp_path: Path, srun_args: str,
+                               timeout: float) -> tuple[dict[str, str], str]:
+    """``srun [srun_args] pipeline train CONFIG`` in a 2-node batch job; its state and log."""
+    log = tmp_path / "job.out"
+    command = f"srun {srun_args} {sys.executable} -m pipeline train {config}"
+    job = cluster.run("sbatch", "--parsable", "-N", "2", "--ntasks-per-node", "1",
+                      "--cpus-per-task", "1", "-o", str(log), "--chdir", str(tmp_path),
+                      "--wrap", command).stdout.strip()
+    state = cluster.wait_job(job, timeout=timeout)
+    return state, log.read_text()
+
+
 def test_train_under_srun_uses_one_task_per_node(slurm_cluster, tiny_store: Path,
                                                  tmp_path: Path) -> None:
     """The same command inside ``srun``: task 0 is head and driver, task 1 a Ray node."""
@@ -149,13 +161,7 @@ def test_train_under_srun_uses_one_task_per_node(slurm_cluster, tiny_store: Path
     cfg["data"]["store"] = str(tiny_store)
     cfg["train"].update(max_steps=10, val_every=10, checkpoint_every=10)
     config = write_config(tmp_path / "c.yaml", cfg)
-    log = tmp_path / "srun.out"
-    command = f"srun {sys.executable} -m pipeline train {config}"
-    job = slurm_cluster.run("sbatch", "--parsable", "-N", "2", "--ntasks-per-node", "1",
-                            "--cpus-per-task", "1", "-o", str(log), "--chdir", str(tmp_path),
-                            "--wrap", command).stdout.strip()
-    state = slurm_cluster.wait_job(job, timeout=400)
-    text = log.read_text()
+    state, text = srun_train_in_two_node_job(slurm_cluster, config, tmp_path, "", timeout=400)
     assert state["JobState"] == "COMPLETED", text
     assert "-> 2 Ray Train workers" in text and "served as a Ray worker node" in text, text
     assert re.search(r"node n2 at \S+: 1 CPUs", text), text
@@ -170,13 +176,8 @@ def test_a_node_that_never_joins_fails_the_job_naming_it(slurm_cluster, tiny_sto
     cfg = slurm_config(tmp_path, tiny_store.parent, node_timeout=15)
     cfg["data"]["store"] = str(tiny_store)
     config = write_config(tmp_path / "c.yaml", cfg)
-    log = tmp_path / "job.out"
-    command = f"srun --nodes=1 --ntasks=1 --nodelist=n1 {sys.executable} -m pipeline train {config}"
-    job = slurm_cluster.run("sbatch", "--parsable", "-N", "2", "--ntasks-per-node", "1",
-                            "--cpus-per-task", "1", "-o", str(log), "--chdir", str(tmp_path),
-                            "--wrap", command).stdout.strip()
-    state = slurm_cluster.wait_job(job, timeout=300)
-    text = log.read_text()
+    state, text = srun_train_in_two_node_job(slurm_cluster, config, tmp_path,
+                                             "--nodes=1 --ntasks=1 --nodelist=n1", timeout=300)
     assert state["JobState"] == "FAILED" and state["ExitCode"] == "2:0", text
     errors = [line for line in text.splitlines() if line.startswith("error: ")]
     assert errors and "Ray nodes missing after 15 s: n2 " in errors[0], text
