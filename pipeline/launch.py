@@ -209,9 +209,8 @@ class RayCluster:
 
     def __init__(self, alloc: Allocation, cfg: Config, srun_workers: bool):
         self.alloc, self.cfg, self.srun_workers = alloc, cfg, srun_workers
-        self.head_ip = node_address(alloc.this_node)
-        port = ray_ports(cfg.slurm.port_base, alloc.job_id, alloc.slot(alloc.this_node))["port"]
-        self.address = f"{self.head_ip}:{port}"
+        self.address = head_address(alloc, cfg.slurm.port_base)  # what the workers compute
+        self.head_ip = self.address.rsplit(":", 1)[0]
         self.processes: list[subprocess.Popen] = []
         self.token_path = token_file(cfg.run_dir(), alloc.job_id)
 
@@ -373,6 +372,7 @@ def launch_train(cfg: Config, address: str | None = None) -> Any:
 
 
 def head_address(alloc: Allocation, port_base: int) -> str:
+    """The Ray head's address: the job's first node, its first port."""
     port = ray_ports(port_base, alloc.job_id, 0)["port"]
     return f"{node_address(alloc.nodes[0])}:{port}"
 

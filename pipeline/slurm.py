@@ -88,14 +88,31 @@ def job_name(cfg: Config, stage: str) -> str:
     return f"{cfg.name}-{stage}"
 
 
+def log_pattern(stage: str) -> str:
+    """Slurm's output file pattern of a stage (array tasks get their task id)."""
+    return "%x-%A_%a.out" if stage == "preprocess" else "%x-%j.out"
+
+
+def _paths(cfg: Config, workdir: str | os.PathLike[str] | None) -> tuple[Path, Path]:
+    """The jobs' working directory (default: here) and their log folder, absolute."""
+    workdir = Path(workdir or os.getcwd()).absolute()
+    return workdir, (workdir / cfg.slurm.log_path(cfg.run_dir())).absolute()
+
+
+def _config_args(config_path: str | os.PathLike[str], overrides: list[str] | None,
+                 workdir: Path) -> str:
+    """The config path and ``--set`` overrides, quoted for the shell."""
+    return " ".join([shlex.quote(str((workdir / config_path).absolute()))]
+                    + [f"--set {shlex.quote(item)}" for item in overrides or []])
+
+
 def directives(cfg: Config, stage: str, workdir: Path, log_dir: Path) -> list[str]:
     """The ``#SBATCH`` options of a stage, sorted so that rendering is deterministic."""
     s = cfg.slurm
-    log_name = "%x-%A_%a.out" if stage == "preprocess" else "%x-%j.out"
     opts = {
         "--job-name": job_name(cfg, stage),
         "--chdir": directive_path(workdir, "working directory"),
-        "--output": directive_path(log_dir / log_name, "log path"),
+        "--output": directive_path(log_dir / log_pattern(stage), "log path"),
         "--time": s.time,
         "--cpus-per-task": str(s.cpus_per_task),
         "--nodes": "1",
@@ -125,10 +142,8 @@ def render(template: str, cfg: Config, config_path: str | os.PathLike[str],
     if template not in TEMPLATES:
         raise ConfigError(f"unknown Slurm template '{template}'",
                           f"choose one of {', '.join(TEMPLATES)}")
-    workdir = Path(workdir or os.getcwd()).absolute()
-    log_dir = (workdir / cfg.slurm.log_path(cfg.run_dir())).absolute()
-    config_args = " ".join([shlex.quote(str((workdir / config_path).absolute()))]
-                           + [f"--set {shlex.quote(item)}" for item in overrides or []])
+    workdir, log_dir = _paths(cfg, workdir)
+    config_args = _config_args(config_path, overrides, workdir)
     return _environment().get_template(f"{template}.sh.j2").render(
         summary=SUMMARIES[template], version=__version__, stage=template,
         directives=directives(cfg, template, workdir, log_dir),
@@ -147,16 +162,15 @@ def prepare(cfg: Config, config_path: str | os.PathLike[str], overrides: list[st
     if unknown or not stages:
         raise ConfigError(f"unknown stage(s) {', '.join(unknown) or '(none)'}",
                           f"--stages takes a comma-separated subset of {', '.join(STAGES)}")
-    workdir = Path(workdir or os.getcwd()).absolute()
-    log_dir = (workdir / cfg.slurm.log_path(cfg.run_dir())).absolute()
+    workdir, log_dir = _paths(cfg, workdir)
     chain = [t for stage in STAGES if stage in stages
              for t in (("preprocess", "finalise") if stage == "preprocess" else (stage,))]
     jobs = []
     for template in chain:
         path = log_dir / f"{template}.sbatch"
-        log_name = "%x-%A_%a.out" if template == "preprocess" else "%x-%j.out"
+        log_name = log_pattern(template).replace("%x", job_name(cfg, template))
         jobs.append(Job(template, render(template, cfg, config_path, overrides, workdir, path),
-                        path, log_dir / log_name.replace("%x", job_name(cfg, template))))
+                        path, log_dir / log_name))
     return jobs
 
 
@@ -257,15 +271,14 @@ def schedule_entry(cfg: Config, config_path: str | os.PathLike[str], overrides: 
         cron = f"0 */{seconds // 3600} * * *"
     else:
         cron = f"*/{max(1, seconds // 60)} * * * *"
-    workdir = Path(workdir or os.getcwd()).absolute()
+    workdir, log_dir = _paths(cfg, workdir)
     s = cfg.slurm
     opts = [f"--job-name={job_name(cfg, 'retrain')}", f"--time={s.time}",
             f"--cpus-per-task={s.cpus_per_task}",
-            f"--output={directive_path(s.log_path(cfg.run_dir()).absolute() / '%x-%j.out', 'log path')}"]
+            f"--output={directive_path(log_dir / log_pattern('retrain'), 'log path')}"]
     opts += [f"--{k}={v}" for k, v in (("partition", s.partition), ("account", s.account)) if v]
-    config_args = " ".join([shlex.quote(str((workdir / config_path).absolute()))]
-                           + [f"--set {shlex.quote(item)}" for item in overrides])
-    command = f"cd {shlex.quote(str(workdir))} && {shlex.join(shlex.split(s.command))} retrain {config_args}"
+    command = (f"cd {shlex.quote(str(workdir))} && {shlex.join(shlex.split(s.command))} "
+               f"retrain {_config_args(config_path, overrides, workdir)}")
     return "\n".join([f"#SCRON {opt}" for opt in sorted(opts)] + [f"{cron} {command}", ""])
 
 
@@ -276,11 +289,10 @@ def has_scrontab() -> bool:
 def schedule_job(cfg: Config, config_path: str | os.PathLike[str], overrides: list[str],
                  now: bool = False, workdir: str | os.PathLike[str] | None = None) -> str:
     """Queue the self-submitting retraining job (first run one period from now, or now)."""
-    workdir = Path(workdir or os.getcwd()).absolute()
-    log_dir = (workdir / cfg.slurm.log_path(cfg.run_dir())).absolute()
+    workdir, log_dir = _paths(cfg, workdir)
     path = log_dir / "retrain.sbatch"
     job = Job("retrain", render("retrain", cfg, config_path, overrides, workdir, path), path,
-              log_dir / f"{job_name(cfg, 'retrain')}-%j.out")
+              log_dir / log_pattern("retrain").replace("%x", job_name(cfg, "retrain")))
     begin = None if now else time.strftime(
         "%Y-%m-%dT%H:%M:%S", time.localtime(time.time() + period_seconds(cfg.slurm.retrain_every)))
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -137,13 +137,13 @@ def train(cfg: Config, address: str | None = None, stop_at: int | None = None) -
 
     install()  # first: a preemption signal may come at any time
     try:
-        return _fit(cfg, address, stop_at, install)
+        return _fit(cfg, address, stop_at, stop_file, install)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def _fit(cfg: Config, address: str | None, stop_at: int | None,
+def _fit(cfg: Config, address: str | None, stop_at: int | None, stop_file: Path,
          install_handlers: Callable[[], None]) -> TrainResult:
     preflight(cfg)
     run_dir = cfg.run_dir()
@@ -178,7 +178,6 @@ def _fit(cfg: Config, address: str | None, stop_at: int | None,
         if user is not None:
             raise user from None
         raise
-    stop_file = run_dir / STOP_FILE
     preempted = stop_file.exists()
     stop_file.unlink(missing_ok=True)
     return TrainResult(run_dir=run_dir, metrics=dict(result.metrics or {}), preempted=preempted)
