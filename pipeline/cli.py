@@ -210,7 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train with Ray Train; resumes the run if it exists",
                        description="Train data-parallel with Ray Train on train.workers workers. "
                        "Running it again resumes from the latest valid checkpoint. SIGTERM or "
-                       "SIGUSR1 checkpoints and exits with code 75 (requeue).")
+                       "SIGUSR1 checkpoints and exits with code 75 (requeue). Inside a multi-node "
+                       "Slurm job it starts one Ray node per Slurm node (head here, the others "
+                       "through srun), with one worker per GPU or per node, and requeues the job "
+                       "after a preemption signal (docs/cluster.md).")
     _add_config(p)
     p.add_argument("--resume", action="store_true",
                    help="resume explicitly (the default whenever the run has a checkpoint)")
