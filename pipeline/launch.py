@@ -327,6 +327,10 @@ def launch_train(cfg: Config, address: str | None = None) -> Any:
     """Train where this process runs (see the module docstring); return the TrainResult."""
     from pipeline.train.trainer import TrainResult, train
 
+    # SIGUSR1 means "checkpoint and stop" while training runs (train() handles it); before
+    # and after, e.g. a time-limit warning that comes once training has finished, there is
+    # nothing to stop, and its default action would kill a job that succeeded.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     alloc = detect()
     if alloc is None or address is not None or not alloc.multi_node:
         where = (f"Ray cluster at {address}" if address else "local Ray") + (
