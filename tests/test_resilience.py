@@ -15,7 +15,7 @@ import pytest
 import zarr
 
 from pipeline.config import load_config
-from pipeline.data.build import preprocess
+from pipeline.data.build import MALLOC_RETURN, MALLOC_REUSE, dask_client, preprocess
 from pipeline.data.synthetic import demo_spec, write_demo_data
 from pipeline.monitor import run_measured
 from tests.conftest import base_config, write_config
@@ -103,3 +103,18 @@ def test_larger_than_worker_memory_with_bounded_peak(tmp_path: Path) -> None:
     assert result.peak_largest_process < limit, result.peak_per_process
     assert result.peak_total < data_bytes, (result.peak_total, data_bytes)
     assert "exceeded 95% memory budget" not in result.stderr
+
+
+@pytest.mark.parametrize("limit, reuse", [("500MB", False), ("4GB", True), ("500MB", False)])
+def test_local_workers_keep_freed_buffers_only_with_room(limit: str, reuse: bool,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under a tight limit the workers map every buffer over 128 kB afresh and give
+    freed memory back at once; with room, glibc reuses shard-sized buffers (see
+    _worker_environ). The last case checks that a roomy cluster started earlier in this
+    process does not leak its setting into the next one."""
+    for name in MALLOC_REUSE:  # as exported by the user, these would win; other tests'
+        monkeypatch.delenv(name, raising=False)  # clusters leave dask's values here
+    with dask_client(2, None, limit) as client:
+        seen = client.run(lambda: {k: os.environ.get(k) for k in MALLOC_REUSE})
+    expected = MALLOC_REUSE if reuse else {**MALLOC_RETURN, "MALLOC_ARENA_MAX": None}
+    assert list(seen.values()) == [expected] * 2, seen

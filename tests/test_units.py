@@ -162,3 +162,26 @@ def test_solar_geometry() -> None:
     noleap = xr.DataArray(xr.date_range("2001-07-02", periods=2, freq="D", calendar="noleap",
                                         use_cftime=True), dims="time")
     assert forcing_field("cos_year", noleap, np.array([0.0]), np.array([0.0]))[0, 0, 0] < -0.99
+
+
+@pytest.mark.parametrize("value, rejected", [(3e38, False), (np.inf, True), (np.nan, True)])
+def test_nan_policy_checks_each_value_when_the_quick_sum_is_not_finite(value: float,
+                                                                       rejected: bool) -> None:
+    """A channel whose float32 sum overflows (every value finite) passes; one infinity or
+    NaN among finite values is rejected, naming the channel and the time step."""
+    from pipeline.data.transforms import apply_nan_policy
+
+    data = np.full((3, 4, 5), value if not rejected else 1.0, dtype=np.float32)
+    if rejected:
+        data[2, 1, 3] = value
+    da = xr.DataArray(data, dims=("time", "lat", "lon"),
+                      coords={"time": np.array(["2000-01-01T00", "2000-01-01T06", "2000-01-01T12"],
+                                               dtype="datetime64[ns]")})
+    cfg = load_config(REPO / "configs" / "demo.yaml").data
+    if rejected:
+        with pytest.raises(SourceError, match=r"NaN in variable 'x' at 2000-01-01T12.*\(1 points\)"):
+            apply_nan_policy({"x": da}, cfg)
+    else:
+        with np.errstate(over="ignore"):
+            assert np.isinf(data.sum())
+        assert apply_nan_policy({"x": da}, cfg)["x"] is da
