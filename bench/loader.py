@@ -4,14 +4,18 @@ On the ``large`` store (121 x 240, 61 channels), for the same sample times in th
 order (the training sampler's), in one process:
 - ``pipeline``: ``ForecastDataset[i]`` (one zarr read per sample, normalised tensors);
 - ``zarr_limit``: the same zarr reads with nothing else (``array[lo:hi]``, a fresh
-  array each: the limit for any loader built on plain reads);
+  array each: the limit for any loader built on plain reads of each sample);
+- ``zarr_limit_runs``: plain reads of what the batch loaders read, one read per run of
+  consecutive samples in a batch (``ForecastDataset.read_run_into``): the limit for a
+  loader that reads each run's steps once;
 - ``zarr_reused_buffer``: the same reads into one reused array (``out=``), what the
   dataset does since it stopped allocating per read;
 - ``xarray_per_sample``: ``ds["data"].isel(time=...).values`` on ``xarray.open_zarr``,
   the way users often start (dask on the hot path).
 Then, at the same parallelism N: the ThreadedBatchLoader with N reader threads and the
-DataLoader with N worker processes, each against N processes doing plain zarr reads
-(for N = 1, the one-process limit above). The machine is shared: every measure runs
+DataLoader with N worker processes (both read runs, batches of 8), each against N
+processes doing plain zarr reads, per sample and per run (for N = 1, the one-process
+limits above). The machine is shared: every measure runs
 once per round (``--rounds``), rounds interleave them, and the best round counts.
 
     python -m bench.loader --out bench/results/loader.json
@@ -35,10 +39,12 @@ from zarr.core.buffer import default_buffer_prototype
 from bench.common import ensure_store, machine, write_result
 from pipeline.config import load_config
 from pipeline.data.loader import (
+    RUN_LENGTH,
     BlockShuffleSampler,
     ForecastDataset,
     StoreInfo,
     ThreadedBatchLoader,
+    consecutive_runs,
 )
 
 
@@ -52,15 +58,43 @@ def rate(fn, indices: list[int], min_seconds: float = 2.0) -> float:
     return done / (time.perf_counter() - start)
 
 
-def _zarr_reader(args: tuple[str, list[tuple[int, int]]]) -> int:
-    path, ranges = args
+Reads = list[tuple[int, int, int]]  # (first step, end step, samples the read serves)
+
+
+def sample_reads(dataset: ForecastDataset, order: list[int], batch: int, runs: bool) -> Reads:
+    """The reads behind ``order``: one per sample, or one per run of consecutive samples
+    within each batch, as the loaders make them (``ForecastDataset.read_run_into``)."""
+    span = dataset.history + dataset.lead * dataset.rollout
+    reads: Reads = []
+    for b in range(0, len(order) - batch + 1, batch):
+        times = dataset.times[np.asarray(order[b:b + batch])]
+        pieces = consecutive_runs(times, RUN_LENGTH) if runs else \
+            [slice(j, j + 1) for j in range(batch)]
+        for r in pieces:
+            lo = int(times[r.start]) - dataset.history + 1
+            reads.append((lo, lo + span + r.stop - r.start - 1, r.stop - r.start))
+    return reads
+
+
+def reads_rate(arr: zarr.Array, reads: Reads, min_seconds: float = 2.0) -> float:
+    """Samples per second of plain ``arr[lo:hi]`` reads (a fresh array each)."""
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < min_seconds:
+        for lo, hi, n in reads:
+            arr[lo:hi]
+            done += n
+    return done / (time.perf_counter() - start)
+
+
+def _zarr_reader(args: tuple[str, Reads]) -> int:
+    path, reads = args
     arr = zarr.open_array(path, path="data", mode="r")
-    for lo, hi in ranges:
+    for lo, hi, _ in reads:
         arr[lo:hi]
-    return len(ranges)
+    return sum(n for _, _, n in reads)
 
 
-def parallel_zarr_rate(path: str, ranges: list[tuple[int, int]], processes: int) -> float:
+def parallel_zarr_rate(path: str, ranges: Reads, processes: int) -> float:
     """Samples/s of plain zarr reads split over ``processes`` processes."""
     chunks = [ranges[i::processes] for i in range(processes)]
     with mp.get_context("spawn").Pool(processes) as pool:
@@ -133,12 +167,13 @@ def main() -> int:
     reused = np.empty((args.history + 1, *arr.shape[1:]), dtype=arr.dtype)
     out = default_buffer_prototype().nd_buffer.from_numpy_array(reused)
     full_order = list(sampler)
-    all_ranges = [(int(dataset.times[i]) - args.history + 1, int(dataset.times[i]) + 2)
-                  for i in full_order]
+    reads = {kind: sample_reads(dataset, full_order, 8, runs=kind == "runs")
+             for kind in ("samples", "runs")}
     threads = [int(x) for x in args.threads.split(",")]
     measures: dict[str, Callable[[], float]] = {
         "pipeline": lambda: rate(lambda i: dataset[i], order),
         "zarr_limit": lambda: rate(lambda i: arr[slice(*ranges[order.index(i)])], order),
+        "zarr_limit_runs": lambda: reads_rate(arr, sample_reads(dataset, order, 8, runs=True)),
         "zarr_reused_buffer": lambda: rate(
             lambda i: arr.get_basic_selection(slice(*ranges[order.index(i)]), out=out), order),
         "xarray_per_sample": lambda: rate(
@@ -146,7 +181,9 @@ def main() -> int:
         "dataloader": lambda: loader_rate(dataset, sampler, args.workers, 8),
     }
     for n in sorted({args.workers, *threads} - {1}):
-        measures[f"zarr_{n}_processes"] = partial(parallel_zarr_rate, info.path, all_ranges, n)
+        for kind in ("samples", "runs"):
+            measures[f"zarr_{n}_processes_{kind}"] = partial(parallel_zarr_rate, info.path,
+                                                             reads[kind], n)
     for n in threads:
         measures[f"threads_{n}"] = partial(threads_rate, dataset, sampler, n, 8)
     # the machine is shared: every measure runs once per round, rounds interleave them,
@@ -156,13 +193,19 @@ def main() -> int:
         for name, measure in measures.items():
             best[name] = max(best.get(name, 0.0), measure())
     ours, limit, naive = best["pipeline"], best["zarr_limit"], best["xarray_per_sample"]
-    ours_parallel, limit_parallel = best["dataloader"], best[f"zarr_{args.workers}_processes"]
+    limit_runs = best["zarr_limit_runs"]
+    ours_parallel = best["dataloader"]
+    limit_parallel = best[f"zarr_{args.workers}_processes_samples"]
+    limit_parallel_runs = best[f"zarr_{args.workers}_processes_runs"]
     threaded = {}
     for n in threads:
-        zarr_n = limit if n == 1 else best[f"zarr_{n}_processes"]
+        zarr_n = limit if n == 1 else best[f"zarr_{n}_processes_samples"]
+        zarr_n_runs = limit_runs if n == 1 else best[f"zarr_{n}_processes_runs"]
         threaded[f"{n}_threads"] = {"pipeline_threads": round(best[f"threads_{n}"], 1),
                                     "zarr_limit_same_parallelism": round(zarr_n, 1),
-                                    "ratio": round(best[f"threads_{n}"] / zarr_n, 2)}
+                                    "zarr_limit_runs_same_parallelism": round(zarr_n_runs, 1),
+                                    "ratio": round(best[f"threads_{n}"] / zarr_n, 2),
+                                    "ratio_runs": round(best[f"threads_{n}"] / zarr_n_runs, 2)}
 
     write_result(args.out, {
         "benchmark": "loader",
@@ -170,13 +213,16 @@ def main() -> int:
         "store": {"shape": list(arr.shape), "history": args.history, "sample_mb": round(sample_mb, 2)},
         "rounds": args.rounds,
         "one_process_samples_per_s": {"pipeline": round(ours, 1), "zarr_limit": round(limit, 1),
+                                      "zarr_limit_runs": round(limit_runs, 1),
                                       "zarr_reused_buffer": round(best["zarr_reused_buffer"], 1),
                                       "xarray_per_sample": round(naive, 1)},
         f"{args.workers}_processes_samples_per_s": {"pipeline_dataloader": round(ours_parallel, 1),
-                                                    "zarr_limit": round(limit_parallel, 1)},
+                                                    "zarr_limit": round(limit_parallel, 1),
+                                                    "zarr_limit_runs": round(limit_parallel_runs, 1)},
         "threaded_loader_samples_per_s": threaded,
         "ratio_pipeline_over_zarr_limit": round(ours / limit, 2),
         "ratio_pipeline_over_zarr_limit_parallel": round(ours_parallel / limit_parallel, 2),
+        "ratio_pipeline_over_zarr_limit_runs_parallel": round(ours_parallel / limit_parallel_runs, 2),
         "ratio_pipeline_over_xarray": round(ours / naive, 1),
     })
     return 0

@@ -21,6 +21,7 @@ from pipeline.data.loader import (
     ForecastDataset,
     StoreInfo,
     ThreadedBatchLoader,
+    consecutive_runs,
     sample_times,
 )
 from pipeline.errors import ConfigError, StoreError
@@ -123,6 +124,29 @@ def corrupt_shard(tiny_store: Path, tmp_path: Path) -> Path:
     shard = store / "data" / "c" / "2" / "0" / "0" / "0"  # shard_size 16: steps 32..47
     shard.write_bytes(shard.read_bytes()[:-4] + bytes(4))  # the CRC32C ends the index
     return store
+
+
+def test_consecutive_runs_split_at_gaps_and_at_the_longest() -> None:
+    times = np.array([5, 6, 7, 8, 9, 20, 21, 3, 40])
+    runs = consecutive_runs(times, longest=3)
+    assert [(r.start, r.stop) for r in runs] == [(0, 3), (3, 5), (5, 7), (7, 8), (8, 9)]
+    assert consecutive_runs(np.array([], dtype=int), 3) == []
+
+
+def test_runs_read_once_give_the_samples_read_one_by_one(tiny_store: Path) -> None:
+    """A batch with runs of consecutive samples (read as one block each), a gap and a
+    lone sample: bitwise the samples read alone, in the batch's order."""
+    ds = ForecastDataset(StoreInfo(tiny_store), "train", history=2, lead=1, rollout=2)
+    batch = [10, 11, 12, 13, 30, 3, 4, 50]
+    together = ds.__getitems__(batch)
+    for i, got in zip(batch, together, strict=True):
+        alone = ds[i]
+        assert int(got["index"]) == int(ds.times[i])
+        for key in alone:
+            assert torch.equal(got[key], alone[key]), (i, key)
+    arrays = [np.empty((2, *shape), np.float32) for shape in ds.sample_shapes.values()]
+    with pytest.raises(ValueError, match="consecutive"):
+        ds.read_run_into([10, 12], *arrays)
 
 
 def test_read_into_handles_channels_that_are_not_consecutive(tiny_store: Path) -> None:

@@ -5,8 +5,9 @@ A sample is ``history`` consecutive input steps ending at time index ``t`` (all
 channels), the forcing channels at each target time, and the predicted channels
 (prognostic and derived) at ``t + lead * k`` for ``k = 1 .. rollout``, all normalised
 with the store's statistics. Reads go through zarr directly, one call per sample for
-the contiguous range of steps it needs (each step is one chunk): no dask and no xarray
-on the hot path. The store is opened lazily in each process, so DataLoader workers
+the contiguous range of steps it needs (each step is one chunk), or one per run of
+samples at consecutive times (they share all but one step): no dask and no xarray on
+the hot path. The store is opened lazily in each process, so DataLoader workers
 (forked or spawned) each get their own handle. ``ThreadedBatchLoader`` reads batches
 with threads of the training process instead, into reused (pinned) batch buffers.
 """
@@ -17,7 +18,7 @@ import asyncio
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from functools import cached_property
@@ -131,6 +132,20 @@ def sample_times(first: int, last: int, history: int, lead: int, rollout: int) -
     return np.arange(lo, hi + 1) if hi >= lo else np.arange(0)
 
 
+RUN_LENGTH = 8  # samples per run read at once: bounds a reader's buffer to 7 extra steps
+
+
+def consecutive_runs(times: np.ndarray, longest: int) -> list[slice]:
+    """Split positions ``0 .. len(times)`` into slices of consecutive times (``t, t + 1,
+    ...``), each at most ``longest`` long, in order."""
+    runs, start = [], 0
+    for j in range(1, len(times) + 1):
+        if j == len(times) or times[j] != times[j - 1] + 1 or j - start == longest:
+            runs.append(slice(start, j))
+            start = j
+    return runs
+
+
 def _channel_selector(channels: tuple[int, ...]) -> slice | np.ndarray:
     """A slice when the channels are consecutive (a view, no copy), else an index array."""
     if channels and channels == tuple(range(channels[0], channels[-1] + 1)):
@@ -190,10 +205,11 @@ class ForecastDataset(Dataset):
             self._pid = os.getpid()
         return self._array
 
-    def _read_block(self, t: int, loop: asyncio.AbstractEventLoop | None) -> np.ndarray:
-        """The raw steps ``t - history + 1 .. t + lead * rollout`` in one zarr read, into
-        this thread's reused buffer: a fresh 10-20 MB array per read costs more in page
-        faults than the normalisation (bench/loader.py).
+    def _read_block(self, t: int, loop: asyncio.AbstractEventLoop | None,
+                    extra: int = 0) -> np.ndarray:
+        """The raw steps ``t - history + 1 .. t + lead * rollout + extra`` in one zarr
+        read, into this thread's reused buffer: a fresh 10-20 MB array per read costs
+        more in page faults than the normalisation (bench/loader.py).
 
         Without ``loop`` the read goes through zarr's sync API, which runs every read of
         the process on zarr's one event-loop thread; that thread also copies each decoded
@@ -201,11 +217,13 @@ class ForecastDataset(Dataset):
         threads on two cores (py-spy). With ``loop`` (an event loop owned by the calling
         thread) the same read runs on it, so reader threads copy in parallel.
         """
-        block = getattr(self._local, "block", None)
-        if block is None:
-            block = self._local.block = np.empty(self._block_shape, dtype=np.float32)
+        steps = self._block_shape[0] + extra
+        buffer = getattr(self._local, "block", None)
+        if buffer is None or buffer.shape[0] < steps:
+            buffer = self._local.block = np.empty((steps, *self._block_shape[1:]), dtype=np.float32)
+        block = buffer[:steps]  # contiguous: a view of the first steps
         lo = t - self.history + 1
-        selection = slice(lo, lo + block.shape[0])
+        selection = slice(lo, lo + steps)
         prototype = default_buffer_prototype()
         out = prototype.nd_buffer.from_numpy_array(block)
         if loop is None:
@@ -217,26 +235,57 @@ class ForecastDataset(Dataset):
             loop.run_until_complete(array._get_selection(indexer, prototype=prototype, out=out))
         return block
 
+    def read_run_into(self, indices: Sequence[int], inputs: np.ndarray,
+                      target_forcings: np.ndarray, targets: np.ndarray,
+                      loop: asyncio.AbstractEventLoop | None = None) -> np.ndarray:
+        """Write the samples ``indices``, whose times are consecutive (``t, t + 1, ...``),
+        normalised into the given arrays (leading axis: one row per sample), and return
+        their time indices. Neighbouring samples share all but one step, so the union of
+        their steps is read once: a run of n samples reads ``n - 1 + history + lead *
+        rollout`` steps instead of n times ``history + lead * rollout`` (the sampler's
+        blocks keep runs of ``train.shuffle_block`` samples together). The values are
+        bitwise those of reading each sample alone. ``loop``: see ``_read_block``."""
+        times = self.times[np.asarray(indices, dtype=np.int64)]
+        if times.size == 0 or np.any(np.diff(times) != 1):
+            raise ValueError(f"a run needs consecutive sample times, got {times.tolist()}")
+        block = self._read_block(int(times[0]), loop, extra=times.size - 1)
+        span = self._block_shape[0]
+        for k in range(times.size):
+            self._normalise_into(block[k:k + span], inputs[k], target_forcings[k], targets[k])
+        return times
+
     def read_into(self, i: int, inputs: np.ndarray, target_forcings: np.ndarray,
                   targets: np.ndarray, loop: asyncio.AbstractEventLoop | None = None) -> int:
         """Write sample ``i``, normalised, into the given float32 arrays (shapes as in
-        ``sample_shapes``) and return its time index ``t``. ``loop``: an event loop of
-        the calling thread to run the zarr read on (see ``_read_block``)."""
-        t = int(self.times[i])
-        block = self._read_block(t, loop)
+        ``sample_shapes``) and return its time index ``t``."""
+        return int(self.read_run_into([i], inputs[None], target_forcings[None], targets[None],
+                                      loop)[0])
+
+    def _normalise_into(self, window: np.ndarray, inputs: np.ndarray,
+                        target_forcings: np.ndarray, targets: np.ndarray) -> None:
+        """One sample from its raw steps ``window`` (history, then the lead steps)."""
         h = self.history
-        np.subtract(block[:h], self._mean, out=inputs)
+        np.subtract(window[:h], self._mean, out=inputs)
         inputs *= self._inv_std
-        rows = block[h - 1 + self.lead:: self.lead][: self.rollout]  # a view
+        rows = window[h - 1 + self.lead:: self.lead][: self.rollout]  # a view
         for out, channels in ((target_forcings, self._forcings), (targets, self._outputs)):
             np.subtract(rows[:, channels], self._mean[channels], out=out)
             out *= self._inv_std[channels]
-        return t
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        arrays = {k: np.empty(shape, dtype=np.float32) for k, shape in self.sample_shapes.items()}
-        t = self.read_into(i, arrays["inputs"], arrays["target_forcings"], arrays["targets"])
-        return {**{k: torch.from_numpy(a) for k, a in arrays.items()}, "index": torch.tensor(t)}
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, torch.Tensor]]:
+        """The samples ``indices`` (what a DataLoader worker fetches for one batch), each
+        run of consecutive times read once (see ``read_run_into``)."""
+        n = len(indices)
+        arrays = {k: np.empty((n, *shape), dtype=np.float32) for k, shape in self.sample_shapes.items()}
+        times = np.empty(n, dtype=np.int64)
+        for run in consecutive_runs(self.times[np.asarray(indices, dtype=np.int64)], RUN_LENGTH):
+            times[run] = self.read_run_into(indices[run], arrays["inputs"][run],
+                                            arrays["target_forcings"][run], arrays["targets"][run])
+        return [{**{k: torch.from_numpy(a[j]) for k, a in arrays.items()},
+                 "index": torch.tensor(int(times[j]))} for j in range(n)]
 
 
 class BlockShuffleSampler(Sampler[int]):
@@ -302,9 +351,10 @@ class ThreadedBatchLoader:
 
     Zarr reads, Blosc decompression and the numpy normalisation release the GIL, so
     threads read in parallel without the DataLoader's process transport (a fresh
-    shared-memory batch per step, pickling, a pin-memory copy in one thread). Each
-    sample of a batch is one task that writes straight into its slice of a
-    preallocated batch buffer (pinned when the device is CUDA). ``prefetch`` batches
+    shared-memory batch per step, pickling, a pin-memory copy in one thread). Each run
+    of consecutive samples of a batch (up to ``RUN_LENGTH``; see
+    ``ForecastDataset.read_run_into``) is one task that writes straight into its rows of
+    a preallocated batch buffer (pinned when the device is CUDA). ``prefetch`` batches
     are in flight while the consumer holds one, so the ring has ``prefetch + 1``
     buffers, allocated once. Batches come in the sampler's order, the same batches
     as ``DataLoader(dataset, batch_size, sampler=sampler, drop_last=True)``, bitwise.
@@ -374,12 +424,14 @@ class ThreadedBatchLoader:
             ready.record(torch.cuda.current_stream(self.device))
             self._ready[slot] = ready
 
-    def _read(self, slot: int, row: int, i: int, ready: torch.cuda.Event | None) -> None:
+    def _read(self, slot: int, rows: slice, indices: list[int],
+              ready: torch.cuda.Event | None) -> None:
         if ready is not None:
             ready.synchronize()  # the consumer's copy out of this buffer has finished
         out = self._arrays[slot]
-        out["index"][row] = self.dataset.read_into(i, out["inputs"][row], out["target_forcings"][row],
-                                                   out["targets"][row], self._thread_loop())
+        out["index"][rows] = self.dataset.read_run_into(
+            indices, out["inputs"][rows], out["target_forcings"][rows], out["targets"][rows],
+            self._thread_loop())
 
     def _thread_loop(self) -> asyncio.AbstractEventLoop | None:
         """This reader thread's event loop; None without reader threads (zarr's own loop)."""
@@ -432,8 +484,10 @@ class _EpochIterator:
             slot = self.free.popleft()
             ready = self.loader._ready[slot]  # kept: waiting on a done event costs nothing
             pool = self.loader._pool
-            futures = [pool.submit(self.loader._read, slot, row, int(i), ready)
-                       for row, i in enumerate(self.batches[self.submitted])]
+            batch = self.batches[self.submitted]
+            runs = consecutive_runs(self.loader.dataset.times[batch], RUN_LENGTH)
+            futures = [pool.submit(self.loader._read, slot, rows, batch[rows].tolist(), ready)
+                       for rows in runs]
             self.pending.append((slot, futures))
             self.submitted += 1
 
