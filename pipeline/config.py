@@ -215,6 +215,12 @@ class Train(Section):
                                  "for 'processes').")
     shuffle_block: int = Field(8, ge=1, description="Time steps per shuffle block.")
     tensorboard: bool = Field(False, description="Also write metrics to <run>/tensorboard/.")
+    mlflow_uri: str | None = Field(
+        None, description="Also log the config and metrics to MLflow at this tracking URI "
+        "(http://host:5000, databricks, sqlite:///path/mlflow.db with full mlflow; file:///path "
+        "needs MLFLOW_ALLOW_FILE_STORE=true on MLflow 3); needs the 'mlflow' extra.")
+    mlflow_experiment: str = Field("pipeline", min_length=1,
+                                   description="MLflow experiment of the runs (mlflow_uri).")
     init_from: str | None = Field(
         None, description="Warm start: a checkpoint folder (e.g. runs/NAME/best or a registry "
         "version's best/) whose model weights initialise a new run (fresh optimiser, step 0). "

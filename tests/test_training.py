@@ -20,7 +20,7 @@ import torch
 import zarr
 
 from pipeline.config import config_from_dict
-from pipeline.errors import CheckpointError
+from pipeline.errors import CheckpointError, ConfigError
 from pipeline.train import checkpoint
 from pipeline.train.loop import PREEMPTED_EXIT_CODE, Trainer, local_runtime, train_loop
 from tests.conftest import run_cli, train_config, write_config
@@ -108,6 +108,52 @@ def test_tensorboard_scalars(tiny_store: Path, tmp_path: Path) -> None:
     train_loop(cfg, local_runtime(cfg))
     tags = read_tensorboard_tags(cfg.run_dir() / "tensorboard")
     assert {"train_loss", "val_loss", "val_rmse/t2m", "samples_per_s"} <= tags
+
+
+def test_mlflow_run_holds_config_and_metrics_and_resumes(tiny_store: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run stopped at step 10 and resumed logs into one MLflow run (a real file
+    store): the config as parameters, every logged step's metrics, status FINISHED."""
+    import mlflow
+
+    # MLflow 3 keeps its file store for existing users only; a server or a database
+    # backend goes through the same client calls
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+
+    uri = (tmp_path / "mlruns").as_uri()
+    cfg = config(tiny_store, tmp_path, max_steps=20, mlflow_uri=uri, mlflow_experiment="tests")
+    train_loop(cfg, local_runtime(cfg), stop_at=10)
+    first_id = (cfg.run_dir() / "mlflow_run_id").read_text().strip()
+    train_loop(cfg, local_runtime(cfg))
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert [r.info.run_id for r in runs] == [first_id]
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.info.run_name == cfg.run_dir().name
+    assert run.data.params["train.batch_size"] == "8"
+    assert run.data.params["model.arch"] == "unet"
+    logged = {m["step"]: m for m in metrics(cfg.run_dir())}
+    history = {m.step: m.value for m in client.get_metric_history(first_id, "train_loss")}
+    assert set(history) == set(logged) and max(history) == 20
+    for step, value in history.items():
+        assert value == pytest.approx(logged[step]["train_loss"], rel=1e-12)
+    rmse = client.get_metric_history(first_id, "val_rmse/t2m")
+    assert rmse and rmse[-1].value == pytest.approx(logged[20]["val_rmse"]["t2m"], rel=1e-12)
+
+
+def test_mlflow_asked_for_but_missing_is_exit_2(tiny_store: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from pipeline.train.sinks import check_mlflow
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "mlflow" else real(name, *a))
+    cfg = config(tiny_store, tmp_path, mlflow_uri="file:///tmp/x")
+    with pytest.raises(ConfigError, match="MLflow is not installed") as err:
+        check_mlflow(cfg)
+    assert err.value.exit_code == 2
 
 
 def test_early_stopping_ends_the_run(tiny_store: Path, tmp_path: Path) -> None:

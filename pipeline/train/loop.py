@@ -37,6 +37,7 @@ from pipeline.errors import CheckpointError
 from pipeline.train import checkpoint
 from pipeline.train.models import area_weighted_mse, build_model
 from pipeline.train.progress import ProgressWriter
+from pipeline.train.sinks import open_sinks
 
 log = logging.getLogger(__name__)
 
@@ -250,11 +251,7 @@ class Trainer:
         self.resumed_from = self._resume()
         self.model = rt.prepare_model(self.stepper)
         self.metrics_path = rt.run_dir / "metrics.jsonl"
-        self.tensorboard = None
-        if t.tensorboard and rt.rank == 0:
-            from tensorboardX import SummaryWriter  # ships with ray[train]
-
-            self.tensorboard = SummaryWriter(str(rt.run_dir / "tensorboard"))
+        self.sinks = open_sinks(cfg, rt.run_dir) if rt.rank == 0 else []
 
     # ------------------------------------------------------------------ state
 
@@ -473,8 +470,8 @@ class Trainer:
                 checkpoint.export(folder, self.rt.run_dir / "best")
             with self.metrics_path.open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
-            if self.tensorboard is not None:
-                self._write_tensorboard(metrics)
+            for sink in self.sinks:
+                sink.write(metrics)
             val = f" val {metrics['val_loss']:.4f} (persistence {metrics['val_loss_persistence']:.4f})" \
                 if "val_loss" in metrics else ""
             log.info("step %d loss %.4f%s | %.1f samples/s, data wait %.0f%%, %.0f MB",
@@ -483,25 +480,19 @@ class Trainer:
         return metrics
 
 
-    def _write_tensorboard(self, metrics: dict[str, Any]) -> None:
-        for name, value in metrics.items():
-            if isinstance(value, dict):
-                for channel, v in value.items():
-                    self.tensorboard.add_scalar(f"{name}/{channel}", v, metrics["step"])
-            elif name != "step":
-                self.tensorboard.add_scalar(name, value, metrics["step"])
-        self.tensorboard.flush()
-
-    def close(self) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.close()
+    def close(self, failed: bool = False) -> None:
+        for sink in self.sinks:
+            sink.close(failed)
 
 
 def train_loop(cfg: Config, rt: Runtime, stop_at: int | None = None) -> dict[str, Any]:
     """Train in this process (or this Ray worker) and return the last reported metrics."""
     rt.run_dir.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(cfg, rt, stop_at)
+    failed = True
     try:
-        return trainer.run()
+        metrics = trainer.run()
+        failed = False
+        return metrics
     finally:
-        trainer.close()
+        trainer.close(failed)

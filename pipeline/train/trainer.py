@@ -51,6 +51,7 @@ def preflight(cfg: Config) -> None:
     from pipeline.data.loader import BlockShuffleSampler, ForecastDataset, StoreInfo
     from pipeline.train import checkpoint
     from pipeline.train.loop import build_stepper, check_compatible
+    from pipeline.train.sinks import check_mlflow
 
     t = cfg.train
     info = StoreInfo(cfg.data.store)
@@ -58,6 +59,7 @@ def preflight(cfg: Config) -> None:
     ForecastDataset(info, "val", t.history, t.lead, 1)
     BlockShuffleSampler(len(train_set), t.batch_size, t.workers)
     build_stepper(cfg, info)
+    check_mlflow(cfg)
     found = checkpoint.latest_valid(checkpoint.list_steps(cfg.run_dir() / "checkpoints"))
     if found is not None:
         check_compatible(found[2], info, found[0])
