@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from pipeline.train import checkpoint
 from tests.conftest import base_config, write_config
 
 pytestmark = [pytest.mark.slurm, pytest.mark.integration, pytest.mark.slow]
@@ -98,25 +99,42 @@ def test_a_failed_stage_cancels_the_rest_and_says_so(slurm_cluster, tiny_raw: Pa
 
 def test_the_time_limit_signal_checkpoints_requeues_and_finishes(slurm_cluster, tiny_store: Path,
                                                                  tmp_path: Path) -> None:
-    """A 4-minute limit with --signal=B:USR1@120: Slurm signals 60-90 s after the start
-    (it checks every 30 s), each run checkpoints and requeues, the last one finishes."""
+    """A 4-minute limit with --signal=B:USR1@120: Slurm signals 60-120 s after the start
+    (it checks every 30 s and may signal up to 60 s early). The run is far too long for
+    one allocation, so it checkpoints and requeues itself; while the requeued job is
+    held, the test shortens the run to 300 steps past that checkpoint, so that the next
+    allocation finishes it however fast this machine trains."""
     cfg = slurm_config(tmp_path, tiny_store.parent, nodes=1, cpus_per_task=2, time="4",
                        signal_seconds=120)
     cfg["data"]["store"] = str(tiny_store)
-    cfg["train"].update(max_steps=2500, val_every=500, checkpoint_every=500, workers=1)
+    cfg["train"].update(max_steps=1_000_000, val_every=500, checkpoint_every=500, workers=1)
     config = write_config(tmp_path / "c.yaml", cfg)
     out = cli(slurm_cluster, "slurm", "submit", str(config), "--stages", "train", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     job = job_ids(out.stdout)["train"]
-    state = slurm_cluster.wait_job(job, timeout=900)
-    log = next((tmp_path / "runs" / "slurm" / "slurm").glob(f"slurm-train-{job}.out")).read_text()
+    run = tmp_path / "runs" / "slurm"
+    log_path = run / "slurm" / f"slurm-train-{job}.out"
+    deadline = time.monotonic() + 400
+    while "requeued" not in (log_path.read_text() if log_path.exists() else ""):
+        state = slurm_cluster.job_state(job)["JobState"]
+        assert state in ("PENDING", "RUNNING", "CONFIGURING"), (state, log_path.read_text())
+        assert time.monotonic() < deadline, "no requeue within 400 s"
+        time.sleep(0.5)
+    # Slurm holds a requeued job until the old credential expires (10 s here)
+    slurm_cluster.run("scontrol", "hold", job)
+    stopped_at = int(checkpoint.list_steps(run / "checkpoints")[0].name.removeprefix("step-"))
+    cfg["train"]["max_steps"] = stopped_at + 300
+    write_config(tmp_path / "c.yaml", cfg)
+    slurm_cluster.run("scontrol", "release", job)
+    state = slurm_cluster.wait_job(job, timeout=600)
+    log = log_path.read_text()
     assert state["JobState"] == "COMPLETED", log
     assert int(state["Restarts"]) >= 1, log  # requeued at least once
     assert "asking the workers to checkpoint and stop" in log and "requeued" in log, log
     assert "resumed from" in log, log
-    run = tmp_path / "runs" / "slurm"
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps[-1] == 2500 and steps == sorted(steps), steps
+    assert stopped_at in steps and steps == sorted(steps), steps
+    assert steps[-1] == stopped_at + 300, steps
 
 
 def test_scheduled_retraining_queues_its_next_run(slurm_cluster, tiny_raw: Path,
