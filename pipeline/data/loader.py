@@ -156,9 +156,9 @@ def _channel_selector(channels: tuple[int, ...]) -> slice | np.ndarray:
 class ForecastDataset(Dataset):
     """Normalised (inputs, target forcings, targets) samples of one split of a store.
 
-    :meth:`read_into` writes one sample into arrays the caller owns (the batch buffers of
-    :class:`ThreadedBatchLoader`); ``__getitem__`` allocates them (the DataLoader path).
-    Both give bitwise the same values.
+    :meth:`read_run_into` writes a run of samples into arrays the caller owns (the batch
+    buffers of :class:`ThreadedBatchLoader`); ``__getitems__`` and ``__getitem__``
+    allocate them (the DataLoader path). All give bitwise the same values.
     """
 
     def __init__(self, info: StoreInfo, split: str, history: int, lead: int, rollout: int = 1):
@@ -253,13 +253,6 @@ class ForecastDataset(Dataset):
         for k in range(times.size):
             self._normalise_into(block[k:k + span], inputs[k], target_forcings[k], targets[k])
         return times
-
-    def read_into(self, i: int, inputs: np.ndarray, target_forcings: np.ndarray,
-                  targets: np.ndarray, loop: asyncio.AbstractEventLoop | None = None) -> int:
-        """Write sample ``i``, normalised, into the given float32 arrays (shapes as in
-        ``sample_shapes``) and return its time index ``t``."""
-        return int(self.read_run_into([i], inputs[None], target_forcings[None], targets[None],
-                                      loop)[0])
 
     def _normalise_into(self, window: np.ndarray, inputs: np.ndarray,
                         target_forcings: np.ndarray, targets: np.ndarray) -> None:
