@@ -183,9 +183,13 @@ def sbatch_command(job: Job, after: str | None, begin: str | None = None) -> lis
     return [*cmd, str(job.path)]
 
 
+def _require_sbatch() -> None:
+    if shutil.which("sbatch") is None:
+        raise SlurmError("sbatch not found", "run this on a Slurm login node, or use --dry-run")
+
+
 def _sbatch(cmd: list[str]) -> str:
-    if shutil.which(cmd[0]) is None:
-        raise SlurmError(f"{cmd[0]} not found", "run this on a Slurm login node, or use --dry-run")
+    _require_sbatch()
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     if out.returncode != 0:
         raise SlurmError(f"{shlex.join(cmd)} failed: {out.stderr.strip()}",
@@ -198,6 +202,8 @@ def submit(jobs: list[Job], dry_run: bool = False) -> list[tuple[Job, str, list[
 
     With ``dry_run`` nothing is written or submitted; ids are placeholders.
     """
+    if not dry_run:
+        _require_sbatch()  # before any script is written
     submitted: list[tuple[Job, str, list[str]]] = []
     after = None
     for job in jobs:

@@ -144,3 +144,11 @@ def test_the_chain_is_ordered_and_the_dry_run_submits_nothing(tmp_path: Path) ->
     assert bad.returncode == 2 and "deploy" in bad.stderr
     bad = run_cli("slurm", "render", "nonsense", str(config), cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.startswith("error: unknown Slurm template")
+    # off a Slurm login node: a one-line error, and no script written
+    bare = tmp_path / "bin"  # a PATH without sbatch
+    bare.mkdir()
+    bad = run_cli("slurm", "submit", str(config), cwd=tmp_path, env={"PATH": str(bare)})
+    assert bad.returncode == 2, bad.stderr
+    assert bad.stderr.startswith("error: sbatch not found (run this on a Slurm login node")
+    assert len(bad.stderr.splitlines()) == 1
+    assert not (tmp_path / "logs").exists()
