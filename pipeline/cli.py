@@ -137,6 +137,14 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     return PREEMPTED_EXIT_CODE if outcome.preempted else 0
 
 
+def cmd_registry(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.registry import ModelRegistry, summary
+
+    print(summary(ModelRegistry.from_config(load_config(args.config, args.overrides))))
+    return 0
+
+
 def cmd_slurm_render(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from pipeline.slurm import render
@@ -266,6 +274,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "registry.min_improvement. Without new data it does nothing.")
     _add_config(p)
     p.set_defaults(func=cmd_retrain)
+
+    p = sub.add_parser("registry", help="list the config's registered model versions",
+                       description="One line per version in <registry.path>/<name>/ (run, "
+                       "checkpoint step, store version and period; the champion marked *), "
+                       "then the latest promotion decision.")
+    _add_config(p)
+    p.set_defaults(func=cmd_registry)
 
     slurm = sub.add_parser("slurm", help="render, submit and schedule Slurm jobs").add_subparsers(
         dest="slurm_command", required=True, metavar="ACTION")

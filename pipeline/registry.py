@@ -416,7 +416,7 @@ class ModelRegistry:
 
 
 def summary(registry: ModelRegistry) -> str:
-    """One line per version, champion marked, for humans."""
+    """One line per version, champion marked, then the latest decision, for humans."""
     champion = registry.champion()
     lines = []
     for v in registry.versions():
@@ -425,4 +425,11 @@ def summary(registry: ModelRegistry) -> str:
         lines.append(f"{mark} {v.name}  run {v.info['run']} step {v.info['checkpoint_step']}  "
                      f"store v{s['dataset_version']} {s['time_start']} .. {s['time_end']}  "
                      f"created {v.info['created']}")
-    return "\n".join(lines) or f"{registry.root}: no versions"
+    if not lines:
+        return f"{registry.root}: no versions"
+    decisions = registry.decisions()
+    if decisions:
+        last = decisions[-1]
+        lines.append(f"latest decision: {last['challenger']} "
+                     f"{'promoted' if last['promoted'] else 'not promoted'} ({last['reason']})")
+    return "\n".join(lines)

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import config_from_dict
+from pipeline.config import config_from_dict, dump_config
 from pipeline.errors import RegistryError
 from pipeline.evaluate.evaluate import evaluate
 from pipeline.registry import ModelRegistry, compare, summary
 from pipeline.train.loop import local_runtime, train_loop
-from tests.conftest import train_config
+from tests.conftest import run_cli, train_config
 
 CHANNELS = ("t2m", "msl")
 
@@ -124,7 +124,14 @@ def test_better_challenger_is_promoted_and_versions_hold_everything(
     assert info["store"]["dataset_version"] == 1 and info["checkpoint_step"] == 60
     assert info["store"]["time_start"].startswith("2000-01-01")
     assert info["store"]["time_end"].startswith("2000-03-31T18")
-    assert "* v0002" in summary(registry) and "  v0001" in summary(registry)
+    listed = summary(registry)
+    assert "* v0002" in listed and "  v0001" in listed
+    assert listed.splitlines()[-1].startswith("latest decision: v0002 promoted")
+    config = tmp_path / "c.yaml"
+    dump_config(cfg, config)
+    out = run_cli("registry", str(config))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.rstrip("\n") == listed
 
 
 def test_crashed_registration_leaves_no_version(two_models: dict, tmp_path: Path) -> None:
