@@ -123,7 +123,8 @@ def main() -> int:
 
     store, naive_store = work / "pipeline.zarr", work / "naive.zarr"
     config = work / "bench.yaml"
-    config.write_text(yaml.safe_dump(make_config(raw, store, levels, args.shard_size)))
+    bench_cfg = make_config(raw, store, levels, args.shard_size)
+    config.write_text(yaml.safe_dump(bench_cfg))
     commands = {
         "pipeline": (store, [sys.executable, "-m", "pipeline", "preprocess", str(config),
                              "--workers", str(args.workers)]),
@@ -154,7 +155,7 @@ def main() -> int:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "platform": platform.platform()},
         "data": {"size": args.size, "months": args.months, "input_mb": round(input_mb, 1),
-                 "splits": make_config(raw, store, levels, args.shard_size)["data"]["splits"],
+                 "splits": bench_cfg["data"]["splits"],
                  "output_mb": round(output_mb, 1), "shard_size": args.shard_size,
                  "workers": args.workers, "rounds": args.rounds},
         "pipeline": {"seconds": round(ours.seconds, 2),

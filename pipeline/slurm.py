@@ -184,12 +184,12 @@ def sbatch_command(job: Job, after: str | None, begin: str | None = None) -> lis
 
 
 def _require_sbatch() -> None:
+    """Called before anything is written: off a login node, nothing is left behind."""
     if shutil.which("sbatch") is None:
         raise SlurmError("sbatch not found", "run this on a Slurm login node, or use --dry-run")
 
 
 def _sbatch(cmd: list[str]) -> str:
-    _require_sbatch()
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     if out.returncode != 0:
         raise SlurmError(f"{shlex.join(cmd)} failed: {out.stderr.strip()}",
@@ -203,7 +203,7 @@ def submit(jobs: list[Job], dry_run: bool = False) -> list[tuple[Job, str, list[
     With ``dry_run`` nothing is written or submitted; ids are placeholders.
     """
     if not dry_run:
-        _require_sbatch()  # before any script is written
+        _require_sbatch()
     submitted: list[tuple[Job, str, list[str]]] = []
     after = None
     for job in jobs:
@@ -301,6 +301,7 @@ def schedule_job(cfg: Config, config_path: str | os.PathLike[str], overrides: li
               log_dir / log_pattern("retrain").replace("%x", job_name(cfg, "retrain")))
     begin = None if now else time.strftime(
         "%Y-%m-%dT%H:%M:%S", time.localtime(time.time() + period_seconds(cfg.slurm.retrain_every)))
+    _require_sbatch()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(job.script)
     job_id = _sbatch(sbatch_command(job, None, begin))

@@ -68,6 +68,7 @@ class MLflowSink:
     def __init__(self, cfg: Config, run_dir: Path):
         import mlflow
 
+        self.entities = mlflow.entities  # Param and Metric, for every write
         self.client = mlflow.MlflowClient(tracking_uri=cfg.train.mlflow_uri)
         id_file = run_dir / MLFLOW_RUN_ID_FILE
         if id_file.exists():  # a resumed run logs on in its MLflow run
@@ -80,16 +81,14 @@ class MLflowSink:
         run = self.client.create_run(experiment_id, run_name=run_dir.name,
                                      tags={"run_dir": str(run_dir)})
         self.run_id = run.info.run_id
-        params = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in _flatten(resolved_dict(cfg))]
+        params = [self.entities.Param(k, str(v)[:6000]) for k, v in _flatten(resolved_dict(cfg))]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=params[i:i + 100])
         id_file.write_text(self.run_id + "\n")
 
     def write(self, metrics: dict[str, Any]) -> None:
-        import mlflow
-
-        step, stamp = int(metrics["step"]), _now_ms()
-        batch = [mlflow.entities.Metric(_key(name), value, stamp, step)
+        step, stamp = int(metrics["step"]), int(time.time() * 1000)
+        batch = [self.entities.Metric(_key(name), value, stamp, step)
                  for name, value in scalars(metrics)]
         for i in range(0, len(batch), 1000):  # MLflow takes at most 1000 metrics per batch
             self.client.log_batch(self.run_id, metrics=batch[i:i + 1000])
@@ -111,10 +110,6 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]
 def _key(name: str) -> str:
     """MLflow keys allow letters, digits, ``_-./`` and spaces; anything else becomes ``_``."""
     return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in name)
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def open_sinks(cfg: Config, run_dir: Path) -> list[MetricSink]:
