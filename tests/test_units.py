@@ -121,6 +121,45 @@ def test_partials_merge_to_numpy_in_any_split_and_order() -> None:
     assert w.shape == xs[:, 0].shape
 
 
+def test_unmasked_partials_match_numpy_where_shifted_sums_would_cancel() -> None:
+    """Without masks the partials come from shifted per-step sums; channels built to
+    defeat them (a large offset, a pattern that barely changes in time, a constant)
+    must still match numpy, through the exact fallback where needed."""
+    rng = np.random.default_rng(2)
+    n, ny, nx = 17, 5, 8
+    pattern = rng.normal(0.0, 1000.0, size=(ny, nx))
+    channels = [
+        rng.normal(5.0, 3.0, size=(n, ny, nx)),  # ordinary
+        1.0e5 + rng.normal(0.0, 0.01, size=(n, ny, nx)),  # offset 10^7 spreads away from 0
+        pattern + 1e-3 * rng.normal(size=(n, ny, nx)).cumsum(axis=0),  # diffs 10^-6 of the spread
+        np.full((n, ny, nx), 7.25),  # constant: no spread at all
+    ]
+    x = np.stack(channels, axis=1).astype(np.float32)
+    lat_w = area_weights(np.linspace(-80, 80, ny))
+    train = (np.arange(n) < 13) & (np.arange(n) != 6)  # a gap: steps not consecutive
+    parts = []
+    for lo, hi in [(0, 5), (5, 11), (11, 17)]:
+        w0 = max(lo - 1, 0)
+        steps = np.arange(w0, hi)
+        in_values = (steps >= lo) & train[steps]
+        in_diffs = in_values & np.concatenate([[False], train[steps[:-1]]])
+        parts.append(statistics.shard_partial(x[w0:hi], None, lat_w, in_values, in_diffs))
+    result = statistics.finalise(statistics.merge_all(np.stack(parts)))
+    xs = x.astype(np.float64)
+    weights = np.broadcast_to(lat_w[None, :, None], (n, ny, nx))
+    diff_at = np.flatnonzero(train[1:] & train[:-1]) + 1
+    for c in range(len(channels)):
+        mean, std = _weighted(xs[train, c], weights[train])
+        d = xs[diff_at, c] - xs[diff_at - 1, c]
+        dmean, dstd = _weighted(d, weights[diff_at])
+        np.testing.assert_allclose(result["mean"][c], mean, rtol=1e-12)
+        np.testing.assert_allclose(result["std"][c], std, rtol=1e-9, atol=1e-14)
+        np.testing.assert_allclose(result["diff_mean"][c], dmean, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(result["diff_std"][c], dstd, rtol=1e-9, atol=1e-14)
+        assert result["min"][c] == xs[train, c].min()
+        assert result["max"][c] == xs[train, c].max()
+
+
 def test_statistics_without_train_values_raise() -> None:
     with pytest.raises(ValueError, match="no train-split values"):
         statistics.finalise(statistics.empty(2))
