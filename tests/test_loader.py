@@ -133,10 +133,12 @@ def test_consecutive_runs_split_at_gaps_and_at_the_longest() -> None:
     assert consecutive_runs(np.array([], dtype=int), 3) == []
 
 
-def test_runs_read_once_give_the_samples_read_one_by_one(tiny_store: Path) -> None:
+@pytest.mark.parametrize("lead", [1, 3])
+def test_runs_read_once_give_the_samples_read_one_by_one(tiny_store: Path, lead: int) -> None:
     """A batch with runs of consecutive samples (read as one block each), a gap and a
-    lone sample: bitwise the samples read alone, in the batch's order."""
-    ds = ForecastDataset(StoreInfo(tiny_store), "train", history=2, lead=1, rollout=2)
+    lone sample: bitwise the samples read alone, in the batch's order (lead 3: a lone
+    sample's block holds steps that no sample uses, and that are left unnormalised)."""
+    ds = ForecastDataset(StoreInfo(tiny_store), "train", history=2, lead=lead, rollout=2)
     batch = [10, 11, 12, 13, 30, 3, 4, 50]
     together = ds.__getitems__(batch)
     for i, got in zip(batch, together, strict=True):

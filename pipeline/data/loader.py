@@ -249,10 +249,34 @@ class ForecastDataset(Dataset):
         if times.size == 0 or np.any(np.diff(times) != 1):
             raise ValueError(f"a run needs consecutive sample times, got {times.tolist()}")
         block = self._read_block(int(times[0]), loop, extra=times.size - 1)
+        if times.size == 1:  # nothing shared: normalise straight into the sample
+            self._normalise_into(block, inputs[0], target_forcings[0], targets[0])
+            return times
+        self._normalise_steps(block, self._steps_used(times.size))
         span = self._block_shape[0]
         for k in range(times.size):
-            self._normalise_into(block[k:k + span], inputs[k], target_forcings[k], targets[k])
+            self._sample_into(block[k:k + span], inputs[k], target_forcings[k], targets[k])
         return times
+
+    def _steps_used(self, n: int) -> np.ndarray:
+        """Offsets, within a run's block, of the steps that a run of ``n`` samples uses
+        (with ``lead > 1`` a lone sample skips the steps between its targets; 20 us)."""
+        h, lead = self.history, self.lead
+        used = np.zeros(n - 1 + self._block_shape[0], dtype=bool)
+        for k in range(n):
+            used[k:k + h] = True
+            used[k + h - 1 + lead::lead][:self.rollout] = True
+        return np.flatnonzero(used)
+
+    def _normalise_steps(self, block: np.ndarray, steps: np.ndarray) -> None:
+        """Normalise the given steps of a run's raw block in place, one step at a time
+        while it is in cache: each step once, however many of the run's samples share
+        it, where normalising every sample's copy did each step up to ``history +
+        rollout`` times (the same float32 operations, so bitwise the same values)."""
+        for s in steps:
+            step = block[s]
+            np.subtract(step, self._mean, out=step)
+            np.multiply(step, self._inv_std, out=step)
 
     def _normalise_into(self, window: np.ndarray, inputs: np.ndarray,
                         target_forcings: np.ndarray, targets: np.ndarray) -> None:
@@ -264,6 +288,18 @@ class ForecastDataset(Dataset):
         for out, channels in ((target_forcings, self._forcings), (targets, self._outputs)):
             np.subtract(rows[:, channels], self._mean[channels], out=out)
             out *= self._inv_std[channels]
+
+    def _sample_into(self, window: np.ndarray, inputs: np.ndarray,
+                     target_forcings: np.ndarray, targets: np.ndarray) -> None:
+        """One sample from its normalised steps ``window`` (history, then the lead steps)."""
+        h = self.history
+        np.copyto(inputs, window[:h])
+        rows = window[h - 1 + self.lead:: self.lead][: self.rollout]  # a view
+        for out, channels in ((target_forcings, self._forcings), (targets, self._outputs)):
+            if isinstance(channels, slice):
+                np.copyto(out, rows[:, channels])
+            else:
+                np.take(rows, channels, axis=1, out=out)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return self.__getitems__([i])[0]
