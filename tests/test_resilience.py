@@ -3,6 +3,7 @@ processed with bounded memory."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,7 +16,8 @@ import pytest
 import zarr
 
 from pipeline.config import load_config
-from pipeline.data.build import MALLOC_RETURN, MALLOC_REUSE, dask_client, preprocess
+from pipeline.data.build import preprocess
+from pipeline.data.cluster import MALLOC_RETURN, MALLOC_REUSE, dask_client
 from pipeline.data.synthetic import demo_spec, write_demo_data
 from pipeline.monitor import run_measured
 from tests.conftest import base_config, write_config
@@ -118,3 +120,29 @@ def test_local_workers_keep_freed_buffers_only_with_room(limit: str, reuse: bool
         seen = client.run(lambda: {k: os.environ.get(k) for k in MALLOC_REUSE})
     expected = MALLOC_REUSE if reuse else {**MALLOC_RETURN, "MALLOC_ARENA_MAX": None}
     assert list(seen.values()) == [expected] * 2, seen
+
+
+def test_local_workers_are_forked_with_the_pipeline_imported(tmp_path: Path) -> None:
+    """In a fresh process, the first cluster's workers come from the server that
+    imported the pipeline (not spawned by this process), with its environment."""
+    script = tmp_path / "workers.py"
+    script.write_text(
+        "import json, os, sys\n"
+        "from pipeline.data.cluster import dask_client, start_worker_server, local_settings\n"
+        "def probe():\n"
+        "    return {'ppid': os.getppid(), 'imported': 'pipeline.data.build' in sys.modules,\n"
+        "            'mmap': os.environ.get('MALLOC_MMAP_THRESHOLD_')}\n"
+        "if __name__ == '__main__':\n"
+        "    start_worker_server(local_settings(2, '4GB')[2])\n"
+        "    with dask_client(2, None, '4GB') as client:\n"
+        "        seen = list(client.run(probe).values())\n"
+        "    print(json.dumps({'main': os.getpid(), 'workers': seen}))\n")
+    env = {k: v for k, v in os.environ.items() if k not in MALLOC_REUSE}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120, env=env, check=True)
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(report["workers"]) == 2
+    for worker in report["workers"]:
+        assert worker["ppid"] != report["main"], worker  # spawned workers are this process's children
+        assert worker["imported"], worker
+        assert worker["mmap"] == MALLOC_REUSE["MALLOC_MMAP_THRESHOLD_"], worker

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import dask
 import numpy as np
 import pandas as pd
 import xarray as xr
@@ -39,6 +38,7 @@ import xarray as xr
 from pipeline import __version__
 from pipeline.config import Config, Data, config_hash, resolved_dict
 from pipeline.data import statistics, store
+from pipeline.data.cluster import dask_client, local_settings, start_worker_server
 from pipeline.data.grid import area_weights, coarsen_area_weighted
 from pipeline.data.sources import (
     SourceScan,
@@ -480,84 +480,12 @@ def _extend_arrays(group: Any, plan: BuildPlan, first_shard: int, reset: bool) -
 # --------------------------------------------------------------------------- the command
 
 
-PRE_SPAWN_ENVIRON = "distributed.nanny.pre-spawn-environ"
-REUSE_BUFFERS_FROM = 2 * 2**30  # bytes per worker: room for the allocator to keep freed buffers
-# glibc's thresholds (bytes): reuse shard-sized buffers from the heap, or dask's default
-# of mapping every buffer over 128 kB afresh and giving freed heap back at once
-MALLOC_REUSE = {"MALLOC_MMAP_THRESHOLD_": str(64 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(128 * 2**20),
-                "MALLOC_ARENA_MAX": "2"}
-MALLOC_RETURN = {"MALLOC_MMAP_THRESHOLD_": str(128 * 2**10), "MALLOC_TRIM_THRESHOLD_": str(64 * 2**10)}
-
-
-@contextlib.contextmanager
-def dask_client(workers: int | None, scheduler: str | None,
-                memory_limit: str | None) -> Iterator[Any]:
-    """A Dask client: on an existing scheduler, or on a fresh LocalCluster of processes
-    (one thread each: the HDF5 library is not thread-safe)."""
-    from distributed import Client, LocalCluster
-
-    # distributed sets its own loggers to INFO on import; keep the CLI output readable.
-    logging.getLogger("distributed").setLevel(
-        min(logging.WARNING, logging.getLogger().getEffectiveLevel() + 10))
-    if scheduler:
-        with Client(scheduler) as client:
-            yield client
-        return
-    n = workers or max(1, min(os.cpu_count() or 1, 4))
-    limit = memory_limit or "auto"
-    environ = _worker_environ(limit, n)
-    with _environ_restored(list(environ)), dask.config.set({PRE_SPAWN_ENVIRON: environ}), \
-            LocalCluster(n_workers=n, threads_per_worker=1, processes=True, memory_limit=limit,
-                         dashboard_address=":0", silence_logs=logging.WARNING) as cluster, \
-            Client(cluster) as client:
-        yield client
-
-
-@contextlib.contextmanager
-def _environ_restored(names: list[str]) -> Iterator[None]:
-    """Put these environment variables back as they were: a nanny copies the workers'
-    variables into this process's environment, where they would override the next
-    cluster's (an exported variable beats dask's config)."""
-    before = {name: os.environ.get(name) for name in names}
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-def _worker_environ(memory_limit: str, n_workers: int) -> dict[str, Any]:
-    """Environment of the local workers: dask's, with glibc's thresholds set for reuse
-    when each worker has room.
-
-    Dask sets ``MALLOC_TRIM_THRESHOLD_`` so that freed memory goes back to the system at
-    once; that also pins glibc's mmap threshold at 128 kB, so every larger buffer of
-    every shard (the read, the channel stack, zarr's chunks and encoded shard) is a
-    fresh mapping that the kernel zero-fills page by page: 4.5 million page faults on
-    the benchmark (docs/benchmarks.md). Buffers under 64 MB taken from the heap, and up
-    to 128 MB of freed heap kept, are reused from shard to shard instead: 20 % faster,
-    for 150-200 MB more resident memory per worker that does not grow with the data.
-    So this applies only when each worker may use at least ``REUSE_BUFFERS_FROM``;
-    ``MALLOC_ARENA_MAX`` bounds what zarr's codec threads keep in arenas of their own.
-    Tighter limits get dask's behaviour, spelled out (the nanny copies these variables
-    into this process, see ``_environ_restored``). A variable the user exported wins
-    (dask's rule).
-    """
-    from distributed.worker_memory import parse_memory_limit
-
-    environ = dict(dask.config.get(PRE_SPAWN_ENVIRON, default={}) or {})
-    per_worker = parse_memory_limit(memory_limit, 1, n_workers, logger=log)
-    roomy = per_worker is None or per_worker >= REUSE_BUFFERS_FROM
-    return {**environ, **(MALLOC_REUSE if roomy else MALLOC_RETURN)}
-
-
 def preprocess(cfg: Config, part: tuple[int, int] | None = None, append: bool = False,
                workers: int | None = None, scheduler: str | None = None,
                memory_limit: str | None = None) -> str:
     """Build or extend the store; return a one-line summary of what was done."""
+    if scheduler is None:  # local workers: their server imports while the sources are scanned
+        start_worker_server(local_settings(workers, memory_limit)[2])
     plan = make_plan(cfg)
     path = Path(plan.store_path)
     if append:
