@@ -112,7 +112,7 @@ def test_local_workers_keep_freed_buffers_only_with_room(limit: str, reuse: bool
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Under a tight limit the workers map every buffer over 128 kB afresh and give
     freed memory back at once; with room, glibc reuses shard-sized buffers (see
-    _worker_environ). The last case checks that a roomy cluster started earlier in this
+    cluster.worker_environ). The last case checks that a roomy cluster started earlier in this
     process does not leak its setting into the next one."""
     for name in MALLOC_REUSE:  # as exported by the user, these would win; other tests'
         monkeypatch.delenv(name, raising=False)  # clusters leave dask's values here
