@@ -108,7 +108,7 @@ def main() -> int:
     parser.add_argument("--months", type=int, default=1)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--shard-size", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=2,
+    parser.add_argument("--rounds", type=int, default=5,
                         help="runs of each, in alternating order; the fastest counts")
     parser.add_argument("--workdir", default=None, help="where raw data and stores go")
     parser.add_argument("--out", default="bench/results/preprocess.json")
