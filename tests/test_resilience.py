@@ -133,7 +133,7 @@ def test_local_workers_are_forked_with_the_pipeline_imported(tmp_path: Path) -> 
         "    return {'ppid': os.getppid(), 'imported': 'pipeline.data.build' in sys.modules,\n"
         "            'mmap': os.environ.get('MALLOC_MMAP_THRESHOLD_')}\n"
         "if __name__ == '__main__':\n"
-        "    start_worker_server(local_settings(2, '4GB')[2])\n"
+        "    start_worker_server(local_settings(2, '4GB').environ)\n"
         "    with dask_client(2, None, '4GB') as client:\n"
         "        seen = list(client.run(probe).values())\n"
         "    print(json.dumps({'main': os.getpid(), 'workers': seen}))\n")

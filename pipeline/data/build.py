@@ -485,7 +485,7 @@ def preprocess(cfg: Config, part: tuple[int, int] | None = None, append: bool = 
                memory_limit: str | None = None) -> str:
     """Build or extend the store; return a one-line summary of what was done."""
     if scheduler is None:  # local workers: their server imports while the sources are scanned
-        start_worker_server(local_settings(workers, memory_limit)[2])
+        start_worker_server(local_settings(workers, memory_limit).environ)
     plan = make_plan(cfg)
     path = Path(plan.store_path)
     if append:

@@ -17,7 +17,7 @@ import logging
 import multiprocessing
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import dask
 
@@ -37,11 +37,18 @@ WORKER_MODULES = ["distributed", "pipeline.data.build"]
 _server_environ: dict[str, Any] | None = None  # the environment the server started with
 
 
-def local_settings(workers: int | None, memory_limit: str | None) -> tuple[int, str, dict[str, Any]]:
-    """(number of workers, memory limit per worker, workers' environment) of a LocalCluster."""
+class LocalSettings(NamedTuple):
+    """What a LocalCluster is made with, from the command's ``--workers`` and
+    ``--memory-limit``."""
+    n_workers: int
+    memory_limit: str  # per worker
+    environ: dict[str, Any]  # the workers' environment
+
+
+def local_settings(workers: int | None, memory_limit: str | None) -> LocalSettings:
     n = workers or max(1, min(os.cpu_count() or 1, 4))
     limit = memory_limit or "auto"
-    return n, limit, worker_environ(limit, n)
+    return LocalSettings(n, limit, worker_environ(limit, n))
 
 
 def start_worker_server(environ: dict[str, Any]) -> bool:
@@ -84,12 +91,13 @@ def dask_client(workers: int | None, scheduler: str | None,
         with Client(scheduler) as client:
             yield client
         return
-    n, limit, environ = local_settings(workers, memory_limit)
-    method = "forkserver" if start_worker_server(environ) else "spawn"
-    with _environ_restored(list(environ)), \
-            dask.config.set({PRE_SPAWN_ENVIRON: environ, START_METHOD: method}), \
-            LocalCluster(n_workers=n, threads_per_worker=1, processes=True, memory_limit=limit,
-                         dashboard_address=":0", silence_logs=logging.WARNING) as cluster, \
+    local = local_settings(workers, memory_limit)
+    method = "forkserver" if start_worker_server(local.environ) else "spawn"
+    with _environ_restored(list(local.environ)), \
+            dask.config.set({PRE_SPAWN_ENVIRON: local.environ, START_METHOD: method}), \
+            LocalCluster(n_workers=local.n_workers, threads_per_worker=1, processes=True,
+                         memory_limit=local.memory_limit, dashboard_address=":0",
+                         silence_logs=logging.WARNING) as cluster, \
             Client(cluster) as client:
         yield client
 

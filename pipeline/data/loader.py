@@ -261,11 +261,11 @@ class ForecastDataset(Dataset):
     def _steps_used(self, n: int) -> np.ndarray:
         """Offsets, within a run's block, of the steps that a run of ``n`` samples uses
         (with ``lead > 1`` a lone sample skips the steps between its targets; 20 us)."""
-        h, lead = self.history, self.lead
         used = np.zeros(n - 1 + self._block_shape[0], dtype=bool)
         for k in range(n):
-            used[k:k + h] = True
-            used[k + h - 1 + lead::lead][:self.rollout] = True
+            window = used[k:]  # sample k's steps start here
+            window[:self.history] = True
+            self._target_rows(window)[...] = True
         return np.flatnonzero(used)
 
     def _normalise_steps(self, block: np.ndarray, steps: np.ndarray) -> None:
@@ -281,20 +281,22 @@ class ForecastDataset(Dataset):
     def _normalise_into(self, window: np.ndarray, inputs: np.ndarray,
                         target_forcings: np.ndarray, targets: np.ndarray) -> None:
         """One sample from its raw steps ``window`` (history, then the lead steps)."""
-        h = self.history
-        np.subtract(window[:h], self._mean, out=inputs)
+        np.subtract(window[:self.history], self._mean, out=inputs)
         inputs *= self._inv_std
-        rows = window[h - 1 + self.lead:: self.lead][: self.rollout]  # a view
+        rows = self._target_rows(window)
         for out, channels in ((target_forcings, self._forcings), (targets, self._outputs)):
             np.subtract(rows[:, channels], self._mean[channels], out=out)
             out *= self._inv_std[channels]
 
+    def _target_rows(self, window: np.ndarray) -> np.ndarray:
+        """The steps of a sample's ``window`` that hold its targets (a view)."""
+        return window[self.history - 1 + self.lead:: self.lead][: self.rollout]
+
     def _sample_into(self, window: np.ndarray, inputs: np.ndarray,
                      target_forcings: np.ndarray, targets: np.ndarray) -> None:
         """One sample from its normalised steps ``window`` (history, then the lead steps)."""
-        h = self.history
-        np.copyto(inputs, window[:h])
-        rows = window[h - 1 + self.lead:: self.lead][: self.rollout]  # a view
+        np.copyto(inputs, window[:self.history])
+        rows = self._target_rows(window)
         for out, channels in ((target_forcings, self._forcings), (targets, self._outputs)):
             if isinstance(channels, slice):
                 np.copyto(out, rows[:, channels])

@@ -90,9 +90,8 @@ def _unmasked_partial(x: np.ndarray, lat_w: np.ndarray, steps: np.ndarray,
     sums, squares, products = _row_sums(x, shift, lat_w, scratch)
     per_step = float(lat_w.sum()) * x.shape[2]
     if steps.size:
-        wsum = per_step * steps.size
-        moments = _shifted_moments(wsum, sums[steps].sum(), squares[steps].sum(),
-                                   squares[steps].sum())
+        wsum, s2 = per_step * steps.size, squares[steps].sum()
+        moments = _shifted_moments(wsum, sums[steps].sum(), s2, s2)
         if moments is None:
             col[0], col[1], col[2] = _row_moments(x[steps].astype(np.float64), lat_w)
         else:
