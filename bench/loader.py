@@ -15,7 +15,9 @@ order (the training sampler's), in one process:
 Then, at the same parallelism N: the ThreadedBatchLoader with N reader threads and the
 DataLoader with N worker processes (both read runs, batches of 8), each against N
 processes doing plain zarr reads, per sample and per run (for N = 1, the one-process
-limits above). The machine is shared: every measure runs
+limits above). On a machine with a GPU, also the threaded loader delivering batches to
+the GPU: samples made on the host then copied (as training did before), or assembled on
+the GPU from the raw steps (``train.assemble_on_device``, the default there). The machine is shared: every measure runs
 once per round (``--rounds``), rounds interleave them, and the best round counts.
 
     python -m bench.loader --out bench/results/loader.json
@@ -27,12 +29,13 @@ import argparse
 import multiprocessing as mp
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import zarr
 from zarr.core.buffer import default_buffer_prototype
 
@@ -135,6 +138,28 @@ def threads_rate(dataset: ForecastDataset, sampler: BlockShuffleSampler, threads
         return epochs_rate(loader)
 
 
+class OnGpu:
+    """A threaded loader's batches on the GPU, moved there as the training loop moves
+    them (a no-op for batches assembled there); an epoch ends once the GPU has them all."""
+
+    def __init__(self, loader: ThreadedBatchLoader):
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for batch in self.loader:
+            yield {k: v.to(self.loader.device, non_blocking=True) for k, v in batch.items()}
+        torch.cuda.synchronize()
+
+
+def gpu_threads_rate(dataset: ForecastDataset, sampler: BlockShuffleSampler, threads: int,
+                     batch: int, on_device: bool) -> float:
+    """Samples/s of the ThreadedBatchLoader delivering batches to the GPU, samples made
+    on the host (then copied) or assembled on the GPU from the raw steps."""
+    with ThreadedBatchLoader(dataset, sampler, batch, threads, prefetch=4,
+                             device=torch.device("cuda"), on_device=on_device) as loader:
+        return epochs_rate(OnGpu(loader))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "pipeline-bench"))
@@ -187,6 +212,10 @@ def main() -> int:
                                                              reads[kind], n)
     for n in threads:
         measures[f"threads_{n}"] = partial(threads_rate, dataset, sampler, n, 8)
+        if torch.cuda.is_available():
+            for where in ("host", "assembled"):
+                measures[f"threads_{n}_gpu_{where}"] = partial(
+                    gpu_threads_rate, dataset, sampler, n, 8, where == "assembled")
     # the machine is shared: every measure runs once per round, rounds interleave them,
     # and the best round counts
     best: dict[str, float] = {}
@@ -202,7 +231,9 @@ def main() -> int:
     for n in threads:
         zarr_n = limit if n == 1 else best[f"zarr_{n}_processes_samples"]
         zarr_n_runs = limit_runs if n == 1 else best[f"zarr_{n}_processes_runs"]
-        threaded[f"{n}_threads"] = {"pipeline_threads": round(best[f"threads_{n}"], 1),
+        to_gpu = {f"to_gpu_{where}": round(best[f"threads_{n}_gpu_{where}"], 1)
+                  for where in ("host", "assembled") if f"threads_{n}_gpu_{where}" in best}
+        threaded[f"{n}_threads"] = {"pipeline_threads": round(best[f"threads_{n}"], 1), **to_gpu,
                                     "zarr_limit_same_parallelism": round(zarr_n, 1),
                                     "zarr_limit_runs_same_parallelism": round(zarr_n_runs, 1),
                                     "ratio": round(best[f"threads_{n}"] / zarr_n, 2),

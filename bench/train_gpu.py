@@ -2,12 +2,14 @@
 
 Runs the plain loop (``pipeline.train.loop``, no Ray: one device) and records
 samples/s, the data-wait fraction and the device, once for each loader backend
-(``threads``: the ThreadedBatchLoader; ``processes``: torch DataLoader workers) and
-each loader-worker count given. The goal on a GPU is a data-wait fraction under 5 %.
+(``threads``: the ThreadedBatchLoader; ``processes``: torch DataLoader workers), each
+loader-worker count given and, for threads on a GPU, each ``--assembly`` (``device``:
+samples normalised and gathered on the GPU from each batch's raw steps, the default;
+``host``: made in pinned host buffers). The goal on a GPU is a data-wait fraction under 5 %.
 It runs on CPU too (fp32), e.g. with ``--steps 8 --loader-workers 2``.
 
-    python -m bench.train_gpu --steps 200 --batch-size 16 --loader threads,processes \
-        --loader-workers 4,8 --out bench/results/train_gpu.json
+    python -m bench.train_gpu --steps 200 --batch-size 16 --loader threads \
+        --loader-workers 8 --assembly device,host --out bench/results/train_gpu.json
 """
 
 from __future__ import annotations
@@ -29,14 +31,16 @@ from pipeline.train.loop import local_runtime, train_loop
 
 
 def run_one(config: Path, args: argparse.Namespace, loader: str, loader_workers: int,
-            gpu: bool) -> dict[str, Any]:
-    """Train ``args.steps`` steps with ``loader_workers`` threads or processes; summarise."""
+            assembly: str, gpu: bool) -> dict[str, Any]:
+    """Train ``args.steps`` steps with ``loader_workers`` threads or processes, the threads'
+    samples assembled on the device or on the host (``assembly``); summarise."""
     every = max(1, args.steps // 4)
-    name = f"train-{'gpu' if gpu else 'cpu'}-{args.arch}-{loader}{loader_workers}-b{args.batch_size}"
+    name = (f"train-{'gpu' if gpu else 'cpu'}-{args.arch}-{loader}{loader_workers}-{assembly}"
+            f"-b{args.batch_size}")
     cfg = load_config(config, [
         f"name={name}", f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}",
         f"train.loader={loader}", f"train.loader_workers={loader_workers}",
-        "train.prefetch_factor=4",
+        "train.prefetch_factor=4", f"train.assemble_on_device={str(assembly == 'device').lower()}",
         f"train.use_gpu={str(gpu).lower()}", "train.precision=auto",
         f"train.val_every={args.steps}", f"train.checkpoint_every={every}",
         f"model.arch={args.arch}", f"model.width={args.width}", "train.warmup_steps=5"])
@@ -49,6 +53,7 @@ def run_one(config: Path, args: argparse.Namespace, loader: str, loader_workers:
     return {
         "loader": loader,
         "loader_workers": loader_workers,
+        "assembly": assembly if loader == "threads" and gpu else "host",
         "samples_per_s": round(sum(r["samples_per_s"] for r in steady) / len(steady), 2),
         "data_wait_fraction": round(sum(r["data_wait_fraction"] for r in steady) / len(steady), 4),
         "memory_mb": rows[-1]["memory_mb"],
@@ -65,6 +70,9 @@ def main() -> int:
                         help="comma-separated loader backends (threads, processes), one run each")
     parser.add_argument("--loader-workers", default="4",
                         help="comma-separated reader thread / worker process counts, one run each")
+    parser.add_argument("--assembly", default="device",
+                        help="comma-separated: where the threaded loader makes the samples on a "
+                        "GPU (device: from the raw steps, there; host: in pinned buffers)")
     parser.add_argument("--build-workers", type=int, default=min(8, os.cpu_count() or 2),
                         help="Dask processes that build the store when it is missing")
     parser.add_argument("--arch", default="unet")
@@ -76,8 +84,9 @@ def main() -> int:
     config = ensure_store(Path(args.workdir), months=1, workers=args.build_workers)
     build_s = time.perf_counter() - started
     gpu = torch.cuda.is_available()
-    runs = [run_one(config, args, backend, int(n), gpu) for backend in args.loader.split(",")
-            for n in args.loader_workers.split(",")]
+    runs = [run_one(config, args, backend, int(n), assembly, gpu)
+            for backend in args.loader.split(",") for n in args.loader_workers.split(",")
+            for assembly in (args.assembly.split(",") if backend == "threads" and gpu else ["host"])]
     write_result(args.out, {
         "benchmark": "train_gpu",
         "machine": machine(),

@@ -213,6 +213,10 @@ class Train(Section):
                                 "processes, as train.loader says; 0 reads in the training thread.")
     prefetch_factor: int = Field(2, ge=1, description="Batches read ahead (per worker process "
                                  "for 'processes').")
+    assemble_on_device: bool = Field(
+        True, description="With 'threads' on a GPU: copy each batch's raw steps to the GPU "
+        "and normalise and gather the samples there (half the host-to-device bytes, no CPU "
+        "copies); false makes the samples in pinned host buffers instead.")
     shuffle_block: int = Field(8, ge=1, description="Time steps per shuffle block.")
     tensorboard: bool = Field(False, description="Also write metrics to <run>/tensorboard/.")
     mlflow_uri: str | None = Field(

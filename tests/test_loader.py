@@ -161,13 +161,16 @@ def test_read_into_handles_channels_that_are_not_consecutive(tiny_store: Path) -
         assert torch.equal(got[key], expected[key]), key
 
 
+@pytest.mark.parametrize("on_device", [False, True], ids=["host", "assembled"])
 @pytest.mark.parametrize("workers", [0, 2])
-def test_threaded_loader_yields_the_dataloader_batches_bitwise(tiny_store: Path,
-                                                               workers: int) -> None:
+def test_threaded_loader_yields_the_dataloader_batches_bitwise(tiny_store: Path, workers: int,
+                                                               on_device: bool) -> None:
+    """Samples made in the batch buffers, or assembled from the raw steps of the batch's
+    runs (what happens on a GPU, here on the CPU): bitwise the DataLoader's batches."""
     ds = ForecastDataset(StoreInfo(tiny_store), "train", history=2, lead=1, rollout=2)
     sampler = BlockShuffleSampler(len(ds), 4, seed=1)
     reference = DataLoader(ds, batch_size=4, sampler=sampler, drop_last=True)
-    with ThreadedBatchLoader(ds, sampler, 4, workers, prefetch=2) as loader:
+    with ThreadedBatchLoader(ds, sampler, 4, workers, prefetch=2, on_device=on_device) as loader:
         # a whole epoch, a start mid-epoch (resume), then the next epoch on the same buffers
         for epoch, start in [(0, 0), (1, 5), (2, 0)]:
             sampler.set_epoch(epoch, start)
@@ -176,11 +179,51 @@ def test_threaded_loader_yields_the_dataloader_batches_bitwise(tiny_store: Path,
             iterator = iter(loader)
             for want, batch in zip(expected, iterator, strict=True):
                 # every read in flight has finished: none may have written into this batch
-                wait([f for _, futures in iterator.pending for f in futures])
+                wait([f for pending in iterator.pending for f in pending.futures])
                 assert batch.keys() == want.keys()
                 for key in want:
                     assert batch[key].dtype == want[key].dtype
                     assert torch.equal(batch[key], want[key]), (epoch, key)
+
+
+def test_assembly_from_raw_steps_handles_lead_gaps_and_channel_lists(tiny_store: Path) -> None:
+    """Lead 3 (a run's block holds steps no sample uses), output channels picked by an
+    index array, and batches of runs, gaps and lone samples: the samples assembled from
+    raw steps are bitwise those read one by one."""
+    ds = ForecastDataset(StoreInfo(tiny_store), "train", history=2, lead=3, rollout=2)
+    ds._outputs = np.asarray(ds.layout.outputs)  # the index-array path, same channels
+    sampler = BlockShuffleSampler(len(ds), 6, block=3, seed=4)
+    with ThreadedBatchLoader(ds, sampler, 6, workers=2, prefetch=2, on_device=True) as loader:
+        for batch, indices in zip(loader, np.asarray(list(sampler)).reshape(-1, 6), strict=True):
+            assert batch["index"].tolist() == ds.times[indices].tolist()
+            for row, i in enumerate(indices):
+                alone = ds[int(i)]
+                for key in ("inputs", "target_forcings", "targets"):
+                    assert batch[key][row].is_contiguous()
+                    assert torch.equal(batch[key][row], alone[key]), (int(i), key)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_batches_assembled_on_the_gpu_equal_the_dataloader_batches(tiny_store: Path) -> None:
+    """The device path on CUDA: copies on a side stream, buffers refilled while earlier
+    copies may still be queued behind a second of GPU work, batches on the GPU."""
+    cuda = torch.device("cuda")
+    ds = ForecastDataset(StoreInfo(tiny_store), "train", history=2, lead=1, rollout=2)
+    sampler = BlockShuffleSampler(len(ds), 4, seed=2)
+    expected = list(DataLoader(ds, batch_size=4, sampler=sampler, drop_last=True))
+    got = []
+    torch.cuda._sleep(2_000_000_000)
+    with ThreadedBatchLoader(ds, sampler, 4, workers=2, prefetch=2, device=cuda) as loader:
+        assert loader.on_device
+        for batch in loader:
+            assert all(t.device.type == "cuda" for t in batch.values())
+            got.append({k: v.clone() for k, v in batch.items()})
+    torch.cuda.synchronize()
+    assert len(got) == len(expected)
+    for want, batch in zip(expected, got, strict=True):
+        for key in want:
+            assert torch.equal(batch[key].cpu(), want[key]), key
 
 
 @pytest.mark.gpu
@@ -194,7 +237,8 @@ def test_threaded_loader_buffers_outlive_the_asynchronous_copy(tiny_store: Path)
     # about a second of GPU work ahead of every copy: the copies run long after the loop
     # has asked for the next batches, so a buffer refilled too early would be copied
     torch.cuda._sleep(2_000_000_000)
-    with ThreadedBatchLoader(ds, sampler, 4, workers=2, prefetch=2, device=cuda) as loader:
+    with ThreadedBatchLoader(ds, sampler, 4, workers=2, prefetch=2, device=cuda,
+                             on_device=False) as loader:
         for batch in loader:
             assert all(t.is_pinned() for t in batch.values())
             copies.append({k: v.to(cuda, non_blocking=True) for k, v in batch.items()})

@@ -20,7 +20,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
@@ -146,6 +146,13 @@ def consecutive_runs(times: np.ndarray, longest: int) -> list[slice]:
     return runs
 
 
+def _channels_of(rows: torch.Tensor, channels: slice | torch.Tensor) -> torch.Tensor:
+    """The given channels (axis 2) of ``rows``, as a contiguous tensor of their own."""
+    if isinstance(channels, slice):
+        return rows[:, :, channels].contiguous()
+    return rows.index_select(2, channels)
+
+
 def _channel_selector(channels: tuple[int, ...]) -> slice | np.ndarray:
     """A slice when the channels are consecutive (a view, no copy), else an index array."""
     if channels and channels == tuple(range(channels[0], channels[-1] + 1)):
@@ -188,10 +195,12 @@ class ForecastDataset(Dataset):
         self._array: zarr.Array | None = None
         self._pid = -1
         self._local = threading.local()
+        self._on_device: dict[torch.device, tuple[Any, ...]] = {}  # see _device_constants
 
     def __getstate__(self) -> dict[str, Any]:
-        # the zarr handle and the per-thread read buffers stay in the process that made them
-        return {**self.__dict__, "_array": None, "_pid": -1, "_local": None}
+        # the zarr handle, the per-thread read buffers and the device copies stay in the
+        # process that made them
+        return {**self.__dict__, "_array": None, "_pid": -1, "_local": None, "_on_device": {}}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state, _local=threading.local())
@@ -209,7 +218,18 @@ class ForecastDataset(Dataset):
                     extra: int = 0) -> np.ndarray:
         """The raw steps ``t - history + 1 .. t + lead * rollout + extra`` in one zarr
         read, into this thread's reused buffer: a fresh 10-20 MB array per read costs
-        more in page faults than the normalisation (bench/loader.py).
+        more in page faults than the normalisation (bench/loader.py)."""
+        steps = self._block_shape[0] + extra
+        buffer = getattr(self._local, "block", None)
+        if buffer is None or buffer.shape[0] < steps:
+            buffer = self._local.block = np.empty((steps, *self._block_shape[1:]), dtype=np.float32)
+        block = buffer[:steps]  # contiguous: a view of the first steps
+        self._read_steps_into(t - self.history + 1, block, loop)
+        return block
+
+    def _read_steps_into(self, first: int, out: np.ndarray,
+                         loop: asyncio.AbstractEventLoop | None) -> None:
+        """The raw steps ``first .. first + len(out) - 1`` into ``out`` (C-contiguous).
 
         Without ``loop`` the read goes through zarr's sync API, which runs every read of
         the process on zarr's one event-loop thread; that thread also copies each decoded
@@ -217,23 +237,71 @@ class ForecastDataset(Dataset):
         threads on two cores (py-spy). With ``loop`` (an event loop owned by the calling
         thread) the same read runs on it, so reader threads copy in parallel.
         """
-        steps = self._block_shape[0] + extra
-        buffer = getattr(self._local, "block", None)
-        if buffer is None or buffer.shape[0] < steps:
-            buffer = self._local.block = np.empty((steps, *self._block_shape[1:]), dtype=np.float32)
-        block = buffer[:steps]  # contiguous: a view of the first steps
-        lo = t - self.history + 1
-        selection = slice(lo, lo + steps)
+        selection = slice(first, first + out.shape[0])
         prototype = default_buffer_prototype()
-        out = prototype.nd_buffer.from_numpy_array(block)
+        buffer = prototype.nd_buffer.from_numpy_array(out)
         if loop is None:
-            self._data().get_basic_selection(selection, out=out)
+            self._data().get_basic_selection(selection, out=buffer)
         else:
             array = self._data().async_array
             indexer = BasicIndexer(selection, array.shape, array.metadata.chunk_grid)
             # what Array.get_basic_selection awaits, on this thread's loop
-            loop.run_until_complete(array._get_selection(indexer, prototype=prototype, out=out))
-        return block
+            loop.run_until_complete(array._get_selection(indexer, prototype=prototype, out=buffer))
+
+    def _run_times(self, indices: Sequence[int]) -> np.ndarray:
+        """The time indices of a run's samples; they must be consecutive."""
+        times = self.times[np.asarray(indices, dtype=np.int64)]
+        if times.size == 0 or np.any(np.diff(times) != 1):
+            raise ValueError(f"a run needs consecutive sample times, got {times.tolist()}")
+        return times
+
+    def run_steps(self, n: int) -> int:
+        """How many steps a run of ``n`` consecutive samples spans (its block's rows)."""
+        return n - 1 + self._block_shape[0]
+
+    def sample_rows(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Where each sample of a run of ``n`` finds its steps in the run's block: the
+        rows of its inputs, shape (n, history), and of its targets, (n, rollout)."""
+        first = np.arange(n)[:, None]
+        inputs = first + np.arange(self.history)
+        targets = first + self.history - 1 + self.lead * np.arange(1, self.rollout + 1)
+        return inputs, targets
+
+    def read_raw_run_into(self, indices: Sequence[int], out: np.ndarray,
+                          loop: asyncio.AbstractEventLoop | None = None) -> np.ndarray:
+        """The raw (not normalised) steps of the run of samples ``indices`` (consecutive
+        times) into ``out[:run_steps(len(indices))]``, in one zarr read; return their
+        time indices. :meth:`sample_rows` says which rows each sample uses, and
+        :meth:`assemble` makes the samples from them (on the training device)."""
+        times = self._run_times(indices)
+        self._read_steps_into(int(times[0]) - self.history + 1,
+                              out[: self.run_steps(times.size)], loop)
+        return times
+
+    def assemble(self, steps: torch.Tensor, inputs_at: torch.Tensor,
+                 targets_at: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Samples from raw steps, on the steps' device: ``steps`` (rows, channel, lat,
+        lon) is normalised in place, then each sample's rows are gathered (``inputs_at``:
+        (batch, history) row indices, ``targets_at``: (batch, rollout), on the same
+        device). The same float32 operations as the numpy path: bitwise its values."""
+        mean, inv_std, forcings, outputs = self._device_constants(steps.device)
+        steps.sub_(mean).mul_(inv_std)
+        batch, grid = inputs_at.shape[0], steps.shape[1:]
+        inputs = steps.index_select(0, inputs_at.reshape(-1)).view(batch, self.history, *grid)
+        rows = steps.index_select(0, targets_at.reshape(-1)).view(batch, self.rollout, *grid)
+        return {"inputs": inputs,
+                "target_forcings": _channels_of(rows, forcings),
+                "targets": _channels_of(rows, outputs)}
+
+    def _device_constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor,
+                                                               slice | torch.Tensor,
+                                                               slice | torch.Tensor]:
+        """Mean, 1/std and the channel selections on ``device``, copied there once."""
+        if device not in self._on_device:
+            put = lambda a: a if isinstance(a, slice) else torch.from_numpy(a).to(device)  # noqa: E731
+            self._on_device[device] = tuple(put(a) for a in (self._mean, self._inv_std,
+                                                             self._forcings, self._outputs))
+        return self._on_device[device]
 
     def read_run_into(self, indices: Sequence[int], inputs: np.ndarray,
                       target_forcings: np.ndarray, targets: np.ndarray,
@@ -244,10 +312,8 @@ class ForecastDataset(Dataset):
         their steps is read once: a run of n samples reads ``n - 1 + history + lead *
         rollout`` steps instead of n times ``history + lead * rollout`` (the sampler's
         blocks keep runs of ``train.shuffle_block`` samples together). The values are
-        bitwise those of reading each sample alone. ``loop``: see ``_read_block``."""
-        times = self.times[np.asarray(indices, dtype=np.int64)]
-        if times.size == 0 or np.any(np.diff(times) != 1):
-            raise ValueError(f"a run needs consecutive sample times, got {times.tolist()}")
+        bitwise those of reading each sample alone. ``loop``: see ``_read_steps_into``."""
+        times = self._run_times(indices)
         block = self._read_block(int(times[0]), loop, extra=times.size - 1)
         if times.size == 1:  # nothing shared: normalise straight into the sample
             self._normalise_into(block, inputs[0], target_forcings[0], targets[0])
@@ -259,14 +325,9 @@ class ForecastDataset(Dataset):
         return times
 
     def _steps_used(self, n: int) -> np.ndarray:
-        """Offsets, within a run's block, of the steps that a run of ``n`` samples uses
-        (with ``lead > 1`` a lone sample skips the steps between its targets; 20 us)."""
-        used = np.zeros(n - 1 + self._block_shape[0], dtype=bool)
-        for k in range(n):
-            window = used[k:]  # sample k's steps start here
-            window[:self.history] = True
-            self._target_rows(window)[...] = True
-        return np.flatnonzero(used)
+        """Rows of a run's block that a run of ``n`` samples uses (with ``lead > 1`` a
+        lone sample skips the steps between its targets)."""
+        return np.unique(np.concatenate([rows.ravel() for rows in self.sample_rows(n)]))
 
     def _normalise_steps(self, block: np.ndarray, steps: np.ndarray) -> None:
         """Normalise the given steps of a run's raw block in place, one step at a time
@@ -383,24 +444,36 @@ class ThreadedBatchLoader:
     Zarr reads, Blosc decompression and the numpy normalisation release the GIL, so
     threads read in parallel without the DataLoader's process transport (a fresh
     shared-memory batch per step, pickling, a pin-memory copy in one thread). Each run
-    of consecutive samples of a batch (up to ``RUN_LENGTH``; see
-    ``ForecastDataset.read_run_into``) is one task that writes straight into its rows of
-    a preallocated batch buffer (pinned when the device is CUDA). ``prefetch`` batches
-    are in flight while the consumer holds one, so the ring has ``prefetch + 1``
-    buffers, allocated once. Batches come in the sampler's order, the same batches
-    as ``DataLoader(dataset, batch_size, sampler=sampler, drop_last=True)``, bitwise.
+    of consecutive samples of a batch (up to ``RUN_LENGTH``) is one task that writes
+    straight into a preallocated batch buffer (pinned when the device is CUDA).
+    ``prefetch`` batches are in flight while the consumer holds one, so the ring has
+    ``prefetch + 1`` buffers, allocated once. Batches come in the sampler's order, the
+    same batches as ``DataLoader(dataset, batch_size, sampler=sampler, drop_last=True)``,
+    bitwise.
 
-    A yielded batch is valid until the consumer asks for the next one: then its
-    buffer is reused. On CUDA the buffer is refilled only after the work queued on
-    the current stream by then (the consumer's ``.to(device, non_blocking=True)``
-    copy) has completed: a CUDA event recorded at that moment, waited on by the
-    reader threads, not by the consumer. An error in a reader is raised in the
-    consumer with its original type and message. ``close()`` (or the ``with`` block)
-    stops and joins the threads; starting a new iteration ends the previous one.
+    Where the samples are made (``on_device``; by default on the device when it is CUDA):
+    - on the host: each task normalises its run's steps and copies them into its
+      samples' rows of the buffer (``ForecastDataset.read_run_into``). A yielded batch
+      is that buffer, valid until the consumer asks for the next one; the consumer
+      moves it to the device.
+    - on the device: each task only reads its run's raw steps into the buffer
+      (``read_raw_run_into``). The consumer's thread copies the batch's steps to the
+      device and normalises and gathers the samples there (``ForecastDataset.assemble``):
+      a run of 8 samples with history 1 is 9 steps where its samples hold 16, so the
+      host-to-device traffic halves and the CPU does nothing but decompress. On CUDA the
+      copy runs on a side stream, and the next batch's copy starts as soon as its reads
+      are done, so it overlaps the current step. Yielded tensors are the device's own.
+
+    On CUDA a buffer is refilled only after the copies out of it have completed: a CUDA
+    event recorded after them, waited on by the reader threads, not by the consumer. An
+    error in a reader is raised in the consumer with its original type and message.
+    ``close()`` (or the ``with`` block) stops and joins the threads; starting a new
+    iteration ends the previous one.
     """
 
     def __init__(self, dataset: ForecastDataset, sampler: Sampler[int], batch_size: int,
-                 workers: int, prefetch: int = 2, device: torch.device | None = None):
+                 workers: int, prefetch: int = 2, device: torch.device | None = None,
+                 on_device: bool | None = None):
         if workers < 0 or prefetch < 1 or batch_size < 1:
             raise ConfigError(f"threaded loader needs workers >= 0, prefetch >= 1 and "
                               f"batch_size >= 1, got {workers}, {prefetch}, {batch_size}",
@@ -408,6 +481,9 @@ class ThreadedBatchLoader:
         self.dataset, self.sampler, self.batch_size = dataset, sampler, batch_size
         self.device = device or torch.device("cpu")
         self._cuda = self.device.type == "cuda"
+        self.on_device = self._cuda if on_device is None else on_device
+        # the device path's copies to a CUDA device run on their own stream
+        self._copy_stream = torch.cuda.Stream(self.device) if self._cuda and self.on_device else None
         # without reader threads a batch is read when asked for: nothing to prefetch
         slots = prefetch + 1 if workers > 0 else 1
         self._tensors = [self._allocate() for _ in range(slots)]
@@ -418,7 +494,7 @@ class ThreadedBatchLoader:
             ThreadPoolExecutor(workers, thread_name_prefix=THREAD_PREFIX) if workers > 0
             else _InlineExecutor())
         # each reader thread runs its zarr reads on its own event loop (see
-        # ForecastDataset._read_block); the loops share one pool for file reads and
+        # ForecastDataset._read_steps_into); the loops share one pool for file reads and
         # decompression, sized like asyncio's default
         io_threads = max(workers, min(32, (os.cpu_count() or 1) + 4))
         self._io = ThreadPoolExecutor(io_threads, thread_name_prefix=f"{THREAD_PREFIX}-io")
@@ -429,11 +505,18 @@ class ThreadedBatchLoader:
         self._closed = False
 
     def _allocate(self) -> dict[str, torch.Tensor]:
-        b = self.batch_size
-        batch = {k: torch.empty((b, *shape), dtype=torch.float32, pin_memory=self._cuda)
-                 for k, shape in self.dataset.sample_shapes.items()}
-        batch["index"] = torch.empty(b, dtype=torch.int64, pin_memory=self._cuda)
-        return batch
+        """One batch buffer: the samples (host path) or the raw steps of the batch's runs
+        and where each sample's rows are (device path; room for every sample alone)."""
+        b, ds = self.batch_size, self.dataset
+        if self.on_device:
+            floats = {"steps": (b * ds.run_steps(1), *ds.sample_shapes["inputs"][1:])}
+            ints = {"inputs_at": (b, ds.history), "targets_at": (b, ds.rollout), "index": (b,)}
+        else:
+            floats = {k: (b, *shape) for k, shape in ds.sample_shapes.items()}
+            ints = {"index": (b,)}
+        kinds = [(floats, torch.float32), (ints, torch.int64)]
+        return {k: torch.empty(shape, dtype=dtype, pin_memory=self._cuda)
+                for shapes, dtype in kinds for k, shape in shapes.items()}
 
     def __len__(self) -> int:
         return len(self.sampler) // self.batch_size  # type: ignore[arg-type]
@@ -448,21 +531,78 @@ class ThreadedBatchLoader:
         self._epoch = _EpochIterator(self, order[: n * self.batch_size].reshape(n, self.batch_size))
         return self._epoch
 
-    def _release(self, slot: int) -> None:
-        """The consumer is done with ``slot``; on CUDA, mark the copies queued so far."""
-        if self._cuda:
-            ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(self.device))
-            self._ready[slot] = ready
+    def _submit(self, slot: int, batch: np.ndarray) -> _Pending:
+        """Queue the reads of ``batch`` (sample indices) into buffer ``slot``: a task per run."""
+        ready = self._ready[slot]  # kept: waiting on a done event costs nothing
+        runs = consecutive_runs(self.dataset.times[batch], RUN_LENGTH)
+        pending = _Pending(slot)
+        for rows in runs:
+            indices = batch[rows].tolist()
+            if self.on_device:
+                pending.futures.append(self._pool.submit(
+                    self._read_raw, slot, rows, pending.rows, indices, ready))
+                pending.rows += self.dataset.run_steps(len(indices))
+            else:
+                pending.futures.append(self._pool.submit(self._read, slot, rows, indices, ready))
+        return pending
 
     def _read(self, slot: int, rows: slice, indices: list[int],
               ready: torch.cuda.Event | None) -> None:
+        """Host path: the run's samples, normalised, into their rows of the batch."""
         if ready is not None:
             ready.synchronize()  # the consumer's copy out of this buffer has finished
         out = self._arrays[slot]
         out["index"][rows] = self.dataset.read_run_into(
             indices, out["inputs"][rows], out["target_forcings"][rows], out["targets"][rows],
             self._thread_loop())
+
+    def _read_raw(self, slot: int, rows: slice, first_row: int, indices: list[int],
+                  ready: torch.cuda.Event | None) -> None:
+        """Device path: the run's raw steps from ``first_row`` on, and its samples' rows."""
+        if ready is not None:
+            ready.synchronize()  # the copy out of this buffer has finished
+        out = self._arrays[slot]
+        out["index"][rows] = self.dataset.read_raw_run_into(
+            indices, out["steps"][first_row:], self._thread_loop())
+        inputs_at, targets_at = self.dataset.sample_rows(len(indices))
+        out["inputs_at"][rows] = first_row + inputs_at
+        out["targets_at"][rows] = first_row + targets_at
+
+    def _release(self, slot: int) -> None:
+        """Host path: the consumer is done with ``slot``; on CUDA, mark the copies queued so far."""
+        if self._cuda:
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.device))
+            self._ready[slot] = ready
+
+    def _stage(self, pending: _Pending) -> None:
+        """Device path: start moving a read batch to the device. On CUDA the copy runs on
+        the side stream, and the buffer may be refilled once it is done. In host memory
+        the steps stay where they are (the assembly normalises them in place)."""
+        source = self._tensors[pending.slot]
+        parts = {k: source[k] for k in ("inputs_at", "targets_at", "index")}
+        parts["steps"] = source["steps"][: pending.rows]
+        if self._copy_stream is None:
+            pending.staged = {**parts, "index": parts["index"].clone()}  # the rest is used at once
+            return
+        with torch.cuda.stream(self._copy_stream):
+            pending.staged = {k: v.to(self.device, non_blocking=True) for k, v in parts.items()}
+            pending.copied = torch.cuda.Event()
+            pending.copied.record(self._copy_stream)
+        self._ready[pending.slot] = pending.copied
+
+    def _assemble(self, pending: _Pending) -> dict[str, torch.Tensor]:
+        """Device path: the batch's samples from its staged steps, queued after the copy."""
+        staged = pending.staged
+        assert staged is not None
+        if pending.copied is not None:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(pending.copied)
+            for tensor in staged.values():  # made on the copy stream, used on this one
+                tensor.record_stream(stream)
+        batch = self.dataset.assemble(staged["steps"], staged["inputs_at"], staged["targets_at"])
+        batch["index"] = staged["index"]
+        return batch
 
     def _thread_loop(self) -> asyncio.AbstractEventLoop | None:
         """This reader thread's event loop; None without reader threads (zarr's own loop)."""
@@ -496,15 +636,32 @@ class ThreadedBatchLoader:
         self.close()
 
 
+@dataclass
+class _Pending:
+    """A batch whose reads are queued: its buffer, one future per run and, on the
+    device path, how many rows of steps its runs fill and its copy to the device."""
+
+    slot: int
+    futures: list[Future[None]] = field(default_factory=list)
+    rows: int = 0
+    staged: dict[str, torch.Tensor] | None = None
+    copied: torch.cuda.Event | None = None  # on CUDA: recorded after the copy
+
+    def read(self) -> bool:
+        """Whether every read has finished without an error."""
+        return all(f.done() and not f.cancelled() and f.exception() is None
+                   for f in self.futures)
+
+
 class _EpochIterator:
     """One pass over a batch order: keeps ``slots - 1`` batches in flight."""
 
     def __init__(self, loader: ThreadedBatchLoader, batches: np.ndarray):
         self.loader, self.batches = loader, batches
         self.free = deque(range(len(loader._tensors)))
-        self.pending: deque[tuple[int, list[Future[None]]]] = deque()
+        self.pending: deque[_Pending] = deque()
         self.submitted = 0
-        self.held: int | None = None  # the slot the consumer has
+        self.held: int | None = None  # host path: the slot the consumer has
         self.done = False
 
     def __iter__(self) -> _EpochIterator:
@@ -512,14 +669,8 @@ class _EpochIterator:
 
     def _fill(self) -> None:
         while self.free and self.submitted < len(self.batches):
-            slot = self.free.popleft()
-            ready = self.loader._ready[slot]  # kept: waiting on a done event costs nothing
-            pool = self.loader._pool
-            batch = self.batches[self.submitted]
-            runs = consecutive_runs(self.loader.dataset.times[batch], RUN_LENGTH)
-            futures = [pool.submit(self.loader._read, slot, rows, batch[rows].tolist(), ready)
-                       for rows in runs]
-            self.pending.append((slot, futures))
+            self.pending.append(self.loader._submit(self.free.popleft(),
+                                                    self.batches[self.submitted]))
             self.submitted += 1
 
     def __next__(self) -> dict[str, torch.Tensor]:
@@ -533,15 +684,32 @@ class _EpochIterator:
         if not self.pending:
             self.close()
             raise StopIteration
-        slot, futures = self.pending.popleft()
+        head = self.pending.popleft()
         try:
-            for future in futures:
+            for future in head.futures:
                 future.result()
         except BaseException:
             self.close()
             raise
-        self.held = slot
-        return self.loader._tensors[slot]
+        if not self.loader.on_device:
+            self.held = head.slot
+            return self.loader._tensors[head.slot]
+        if head.staged is None:
+            self._stage(head)
+        batch = self.loader._assemble(head)
+        if head.copied is None:  # assembled in the buffer itself: free only now
+            self.free.append(head.slot)
+        upcoming = self.pending[0] if self.pending else None
+        if (self.loader._copy_stream is not None and upcoming is not None
+                and upcoming.staged is None and upcoming.read()):
+            self._stage(upcoming)  # its copy overlaps the step about to run on this batch
+        self._fill()
+        return batch
+
+    def _stage(self, pending: _Pending) -> None:
+        self.loader._stage(pending)
+        if pending.copied is not None:  # refilled once the copy is done
+            self.free.append(pending.slot)
 
     def close(self) -> None:
         """Cancel the batches not started and wait for the reads under way."""
@@ -549,7 +717,7 @@ class _EpochIterator:
         if self.held is not None:
             self.loader._release(self.held)
             self.held = None
-        futures = [f for _, fs in self.pending for f in fs]
+        futures = [f for pending in self.pending for f in pending.futures]
         for future in futures:
             future.cancel()
         wait(futures)

@@ -376,7 +376,8 @@ class Trainer:
         workers = t.loader_workers
         if self.loader_backend() == "threads":
             return ThreadedBatchLoader(self.train_set, self.sampler, t.batch_size, workers,
-                                       t.prefetch_factor, self.rt.device)
+                                       t.prefetch_factor, self.rt.device,
+                                       on_device=t.assemble_on_device and self.rt.device.type == "cuda")
         return DataLoader(self.train_set, batch_size=t.batch_size, sampler=self.sampler,
                           num_workers=workers, pin_memory=self.rt.device.type == "cuda",
                           persistent_workers=workers > 0,
