@@ -12,13 +12,14 @@ order (the training sampler's), in one process:
   dataset does since it stopped allocating per read;
 - ``xarray_per_sample``: ``ds["data"].isel(time=...).values`` on ``xarray.open_zarr``,
   the way users often start (dask on the hot path).
-Then, at the same parallelism N: the ThreadedBatchLoader with N reader threads and the
-DataLoader with N worker processes (both read runs, batches of 8), each against N
-processes doing plain zarr reads, per sample and per run (for N = 1, the one-process
-limits above). On a machine with a GPU, also the threaded loader delivering batches to
-the GPU: samples made on the host then copied (as training did before), or assembled on
-the GPU from the raw steps (``train.assemble_on_device``, the default there). The machine is shared: every measure runs
-once per round (``--rounds``), rounds interleave them, and the best round counts.
+Then, at the same parallelism N: the BatchLoader with N reader threads, and with N
+reader processes, and the DataLoader with N worker processes (all read runs, batches of
+8), each against N processes doing plain zarr reads, per sample and per run (for N = 1,
+the one-process limits above). On a machine with a GPU, also the BatchLoader delivering
+batches to the GPU: samples made on the host then copied, or assembled on the GPU from
+the raw steps (``train.assemble_on_device``, the default there). The machine is shared:
+every measure runs once per round (``--rounds``), rounds interleave them, and the best
+round counts.
 
     python -m bench.loader --out bench/results/loader.json
 """
@@ -41,12 +42,12 @@ from zarr.core.buffer import default_buffer_prototype
 
 from bench.common import ensure_store, machine, write_result
 from pipeline.config import load_config
+from pipeline.data.batches import BatchLoader, Readers
 from pipeline.data.loader import (
     RUN_LENGTH,
     BlockShuffleSampler,
     ForecastDataset,
     StoreInfo,
-    ThreadedBatchLoader,
     consecutive_runs,
 )
 
@@ -131,18 +132,18 @@ def loader_rate(dataset: ForecastDataset, sampler: BlockShuffleSampler, workers:
     return epochs_rate(loader)
 
 
-def threads_rate(dataset: ForecastDataset, sampler: BlockShuffleSampler, threads: int,
-                 batch: int) -> float:
-    """Samples/s of the ThreadedBatchLoader with ``threads`` reader threads."""
-    with ThreadedBatchLoader(dataset, sampler, batch, threads, prefetch=4) as loader:
+def batch_loader_rate(dataset: ForecastDataset, sampler: BlockShuffleSampler, readers: Readers,
+                      n: int, batch: int) -> float:
+    """Samples/s of the BatchLoader with ``n`` reader threads or processes."""
+    with BatchLoader(dataset, sampler, batch, n, prefetch=4, readers=readers) as loader:
         return epochs_rate(loader)
 
 
 class OnGpu:
-    """A threaded loader's batches on the GPU, moved there as the training loop moves
-    them (a no-op for batches assembled there); an epoch ends once the GPU has them all."""
+    """A batch loader's batches on the GPU, moved there as the training loop moves them
+    (a no-op for batches assembled there); an epoch ends once the GPU has them all."""
 
-    def __init__(self, loader: ThreadedBatchLoader):
+    def __init__(self, loader: BatchLoader):
         self.loader = loader
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -151,12 +152,12 @@ class OnGpu:
         torch.cuda.synchronize()
 
 
-def gpu_threads_rate(dataset: ForecastDataset, sampler: BlockShuffleSampler, threads: int,
-                     batch: int, on_device: bool) -> float:
-    """Samples/s of the ThreadedBatchLoader delivering batches to the GPU, samples made
-    on the host (then copied) or assembled on the GPU from the raw steps."""
-    with ThreadedBatchLoader(dataset, sampler, batch, threads, prefetch=4,
-                             device=torch.device("cuda"), on_device=on_device) as loader:
+def gpu_batch_loader_rate(dataset: ForecastDataset, sampler: BlockShuffleSampler,
+                          readers: Readers, n: int, batch: int, on_device: bool) -> float:
+    """Samples/s of the BatchLoader delivering batches to the GPU, samples made on the
+    host (then copied) or assembled on the GPU from the raw steps."""
+    with BatchLoader(dataset, sampler, batch, n, prefetch=4, device=torch.device("cuda"),
+                     on_device=on_device, readers=readers) as loader:
         return epochs_rate(OnGpu(loader))
 
 
@@ -168,9 +169,10 @@ def main() -> int:
                         help="config of an existing store to use instead of the large one")
     parser.add_argument("--history", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2,
-                        help="DataLoader worker processes for the processes comparison")
-    parser.add_argument("--threads", default="1,2",
-                        help="comma-separated reader-thread counts for the threaded loader")
+                        help="DataLoader worker processes for the DataLoader comparison")
+    parser.add_argument("--readers", default="1,2",
+                        help="comma-separated reader counts: the BatchLoader runs with each, "
+                        "as threads and as processes")
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds of all measures, interleaved; the best of each counts")
     parser.add_argument("--out", default="bench/results/loader.json")
@@ -195,7 +197,7 @@ def main() -> int:
     reads = {kind: sample_reads(dataset, full_order, 8, runs=kind == "runs")
              for kind in ("samples", "runs")}
     first_runs = sample_reads(dataset, order, 8, runs=True)  # the one-process limit's reads
-    threads = [int(x) for x in args.threads.split(",")]
+    counts = [int(x) for x in args.readers.split(",")]
     measures: dict[str, Callable[[], float]] = {
         "pipeline": lambda: rate(lambda i: dataset[i], order),
         "zarr_limit": lambda: rate(lambda i: arr[slice(*ranges[order.index(i)])], order),
@@ -206,16 +208,18 @@ def main() -> int:
             lambda i: xds["data"].isel(time=slice(*ranges[order.index(i)])).values, order[:16]),
         "dataloader": lambda: loader_rate(dataset, sampler, args.workers, 8),
     }
-    for n in sorted({args.workers, *threads} - {1}):
+    for n in sorted({args.workers, *counts} - {1}):
         for kind in ("samples", "runs"):
             measures[f"zarr_{n}_processes_{kind}"] = partial(parallel_zarr_rate, info.path,
                                                              reads[kind], n)
-    for n in threads:
-        measures[f"threads_{n}"] = partial(threads_rate, dataset, sampler, n, 8)
-        if torch.cuda.is_available():
-            for where in ("host", "assembled"):
-                measures[f"threads_{n}_gpu_{where}"] = partial(
-                    gpu_threads_rate, dataset, sampler, n, 8, where == "assembled")
+    readers: tuple[Readers, ...] = ("threads", "processes")
+    for n in counts:
+        for kind in readers:
+            measures[f"{kind}_{n}"] = partial(batch_loader_rate, dataset, sampler, kind, n, 8)
+            if torch.cuda.is_available():
+                for where in ("host", "assembled"):
+                    measures[f"{kind}_{n}_gpu_{where}"] = partial(
+                        gpu_batch_loader_rate, dataset, sampler, kind, n, 8, where == "assembled")
     # the machine is shared: every measure runs once per round, rounds interleave them,
     # and the best round counts
     best: dict[str, float] = {}
@@ -227,17 +231,19 @@ def main() -> int:
     ours_parallel = best["dataloader"]
     limit_parallel = best[f"zarr_{args.workers}_processes_samples"]
     limit_parallel_runs = best[f"zarr_{args.workers}_processes_runs"]
-    threaded = {}
-    for n in threads:
+    batch_loader = {}
+    for n in counts:
         zarr_n = limit if n == 1 else best[f"zarr_{n}_processes_samples"]
         zarr_n_runs = limit_runs if n == 1 else best[f"zarr_{n}_processes_runs"]
-        to_gpu = {f"to_gpu_{where}": round(best[f"threads_{n}_gpu_{where}"], 1)
-                  for where in ("host", "assembled") if f"threads_{n}_gpu_{where}" in best}
-        threaded[f"{n}_threads"] = {"pipeline_threads": round(best[f"threads_{n}"], 1), **to_gpu,
-                                    "zarr_limit_same_parallelism": round(zarr_n, 1),
-                                    "zarr_limit_runs_same_parallelism": round(zarr_n_runs, 1),
-                                    "ratio": round(best[f"threads_{n}"] / zarr_n, 2),
-                                    "ratio_runs": round(best[f"threads_{n}"] / zarr_n_runs, 2)}
+        for kind in readers:
+            ours_n = best[f"{kind}_{n}"]
+            to_gpu = {f"to_gpu_{where}": round(best[f"{kind}_{n}_gpu_{where}"], 1)
+                      for where in ("host", "assembled") if f"{kind}_{n}_gpu_{where}" in best}
+            batch_loader[f"{n}_{kind}"] = {"pipeline": round(ours_n, 1), **to_gpu,
+                                           "zarr_limit_same_parallelism": round(zarr_n, 1),
+                                           "zarr_limit_runs_same_parallelism": round(zarr_n_runs, 1),
+                                           "ratio": round(ours_n / zarr_n, 2),
+                                           "ratio_runs": round(ours_n / zarr_n_runs, 2)}
 
     write_result(args.out, {
         "benchmark": "loader",
@@ -251,7 +257,7 @@ def main() -> int:
         f"{args.workers}_processes_samples_per_s": {"pipeline_dataloader": round(ours_parallel, 1),
                                                     "zarr_limit": round(limit_parallel, 1),
                                                     "zarr_limit_runs": round(limit_parallel_runs, 1)},
-        "threaded_loader_samples_per_s": threaded,
+        "batch_loader_samples_per_s": batch_loader,
         "ratio_pipeline_over_zarr_limit": round(ours / limit, 2),
         "ratio_pipeline_over_zarr_limit_parallel": round(ours_parallel / limit_parallel, 2),
         "ratio_pipeline_over_zarr_limit_runs_parallel": round(ours_parallel / limit_parallel_runs, 2),

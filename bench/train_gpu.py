@@ -2,13 +2,13 @@
 
 Runs the plain loop (``pipeline.train.loop``, no Ray: one device) and records
 samples/s, the data-wait fraction and the device, once for each loader backend
-(``threads``: the ThreadedBatchLoader; ``processes``: torch DataLoader workers), each
-loader-worker count given and, for threads on a GPU, each ``--assembly`` (``device``:
+(``threads``, ``processes``: the BatchLoader's readers; ``dataloader``: torch's), each
+loader-worker count given and, for the BatchLoader on a GPU, each ``--assembly`` (``device``:
 samples normalised and gathered on the GPU from each batch's raw steps, the default;
 ``host``: made in pinned host buffers). The goal on a GPU is a data-wait fraction under 5 %.
 It runs on CPU too (fp32), e.g. with ``--steps 8 --loader-workers 2``.
 
-    python -m bench.train_gpu --steps 200 --batch-size 16 --loader threads \
+    python -m bench.train_gpu --steps 200 --batch-size 16 --loader threads,processes \
         --loader-workers 8 --assembly device,host --out bench/results/train_gpu.json
 """
 
@@ -32,8 +32,8 @@ from pipeline.train.loop import local_runtime, train_loop
 
 def run_one(config: Path, args: argparse.Namespace, loader: str, loader_workers: int,
             assembly: str, gpu: bool) -> dict[str, Any]:
-    """Train ``args.steps`` steps with ``loader_workers`` threads or processes, the threads'
-    samples assembled on the device or on the host (``assembly``); summarise."""
+    """Train ``args.steps`` steps with ``loader_workers`` readers of ``loader``, the
+    BatchLoader's samples assembled on the device or on the host (``assembly``); summarise."""
     every = max(1, args.steps // 4)
     name = (f"train-{'gpu' if gpu else 'cpu'}-{args.arch}-{loader}{loader_workers}-{assembly}"
             f"-b{args.batch_size}")
@@ -53,7 +53,7 @@ def run_one(config: Path, args: argparse.Namespace, loader: str, loader_workers:
     return {
         "loader": loader,
         "loader_workers": loader_workers,
-        "assembly": assembly if loader == "threads" and gpu else "host",
+        "assembly": assembly,
         "samples_per_s": round(sum(r["samples_per_s"] for r in steady) / len(steady), 2),
         "data_wait_fraction": round(sum(r["data_wait_fraction"] for r in steady) / len(steady), 4),
         "memory_mb": rows[-1]["memory_mb"],
@@ -66,8 +66,9 @@ def main() -> int:
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "pipeline-bench"))
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--loader", default="threads,processes",
-                        help="comma-separated loader backends (threads, processes), one run each")
+    parser.add_argument("--loader", default="threads,processes,dataloader",
+                        help="comma-separated train.loader backends (threads, processes, "
+                        "dataloader), one run each")
     parser.add_argument("--loader-workers", default="4",
                         help="comma-separated reader thread / worker process counts, one run each")
     parser.add_argument("--assembly", default="device",
@@ -86,7 +87,8 @@ def main() -> int:
     gpu = torch.cuda.is_available()
     runs = [run_one(config, args, backend, int(n), assembly, gpu)
             for backend in args.loader.split(",") for n in args.loader_workers.split(",")
-            for assembly in (args.assembly.split(",") if backend == "threads" and gpu else ["host"])]
+            for assembly in (args.assembly.split(",") if backend != "dataloader" and gpu
+                             else ["host"])]
     write_result(args.out, {
         "benchmark": "train_gpu",
         "machine": machine(),

@@ -205,18 +205,19 @@ class Train(Section):
     early_stopping_min_delta: float = Field(
         0.0, ge=0, description="Relative decrease of val loss that counts as improvement.")
     seed: int = 0
-    loader: Literal["auto", "threads", "processes"] = Field(
-        "auto", description="How batches are read: 'threads' (reader threads in the training "
-        "process filling reused, pinned batch buffers), 'processes' (torch DataLoader worker "
-        "processes), 'auto' (threads on a GPU, processes on CPU; see Trainer.loader_backend).")
-    loader_workers: int = Field(0, ge=0, description="Reader threads or DataLoader worker "
-                                "processes, as train.loader says; 0 reads in the training thread.")
+    loader: Literal["auto", "threads", "processes", "dataloader"] = Field(
+        "auto", description="How batches are read: by reader 'threads' in the training "
+        "process or reader 'processes', both filling reused (pinned) batch buffers, or by "
+        "torch 'dataloader' worker processes; 'auto': processes (see Trainer.loader_backend).")
+    loader_workers: int = Field(0, ge=0, description="Reader threads or processes, as "
+                                "train.loader says; 0 reads in the training thread.")
     prefetch_factor: int = Field(2, ge=1, description="Batches read ahead (per worker process "
-                                 "for 'processes').")
+                                 "for 'dataloader').")
     assemble_on_device: bool = Field(
-        True, description="With 'threads' on a GPU: copy each batch's raw steps to the GPU "
-        "and normalise and gather the samples there (half the host-to-device bytes, no CPU "
-        "copies); false makes the samples in pinned host buffers instead.")
+        True, description="With 'threads' or 'processes' on a GPU: copy each batch's raw "
+        "steps to the GPU and normalise and gather the samples there (half the "
+        "host-to-device bytes, no CPU copies); false makes the samples in pinned host "
+        "buffers instead.")
     shuffle_block: int = Field(8, ge=1, description="Time steps per shuffle block.")
     tensorboard: bool = Field(False, description="Also write metrics to <run>/tensorboard/.")
     mlflow_uri: str | None = Field(

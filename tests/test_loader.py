@@ -1,7 +1,8 @@
-"""The torch Dataset, the sampler and the threaded batch loader over a finished store."""
+"""The torch Dataset, the sampler and the batch loader over a finished store."""
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import shutil
 import threading
 from concurrent.futures import wait
@@ -15,12 +16,11 @@ import zarr
 from torch.utils.data import DataLoader
 
 from pipeline.config import config_from_dict
+from pipeline.data.batches import THREAD_PREFIX, BatchLoader
 from pipeline.data.loader import (
-    THREAD_PREFIX,
     BlockShuffleSampler,
     ForecastDataset,
     StoreInfo,
-    ThreadedBatchLoader,
     consecutive_runs,
     sample_times,
 )
@@ -110,7 +110,7 @@ def test_loader_workers_read_the_same_samples(tiny_store: Path) -> None:
     assert got == direct
 
 
-# --------------------------------------------------------------------------- threaded loader
+# --------------------------------------------------------------------------- batch loader
 
 
 def loader_threads() -> list[str]:
@@ -162,15 +162,18 @@ def test_read_into_handles_channels_that_are_not_consecutive(tiny_store: Path) -
 
 
 @pytest.mark.parametrize("on_device", [False, True], ids=["host", "assembled"])
-@pytest.mark.parametrize("workers", [0, 2])
-def test_threaded_loader_yields_the_dataloader_batches_bitwise(tiny_store: Path, workers: int,
-                                                               on_device: bool) -> None:
+@pytest.mark.parametrize(("readers", "workers"),
+                         [("threads", 0), ("threads", 2), ("processes", 2)])
+def test_batch_loader_yields_the_dataloader_batches_bitwise(tiny_store: Path, readers: str,
+                                                            workers: int, on_device: bool) -> None:
     """Samples made in the batch buffers, or assembled from the raw steps of the batch's
-    runs (what happens on a GPU, here on the CPU): bitwise the DataLoader's batches."""
+    runs (what happens on a GPU, here on the CPU), by reader threads or processes (into
+    shared memory): bitwise the DataLoader's batches."""
     ds = ForecastDataset(StoreInfo(tiny_store), "train", history=2, lead=1, rollout=2)
     sampler = BlockShuffleSampler(len(ds), 4, seed=1)
     reference = DataLoader(ds, batch_size=4, sampler=sampler, drop_last=True)
-    with ThreadedBatchLoader(ds, sampler, 4, workers, prefetch=2, on_device=on_device) as loader:
+    with BatchLoader(ds, sampler, 4, workers, prefetch=2, on_device=on_device,
+                     readers=readers) as loader:
         # a whole epoch, a start mid-epoch (resume), then the next epoch on the same buffers
         for epoch, start in [(0, 0), (1, 5), (2, 0)]:
             sampler.set_epoch(epoch, start)
@@ -193,7 +196,7 @@ def test_assembly_from_raw_steps_handles_lead_gaps_and_channel_lists(tiny_store:
     ds = ForecastDataset(StoreInfo(tiny_store), "train", history=2, lead=3, rollout=2)
     ds._outputs = np.asarray(ds.layout.outputs)  # the index-array path, same channels
     sampler = BlockShuffleSampler(len(ds), 6, block=3, seed=4)
-    with ThreadedBatchLoader(ds, sampler, 6, workers=2, prefetch=2, on_device=True) as loader:
+    with BatchLoader(ds, sampler, 6, workers=2, prefetch=2, on_device=True) as loader:
         for batch, indices in zip(loader, np.asarray(list(sampler)).reshape(-1, 6), strict=True):
             assert batch["index"].tolist() == ds.times[indices].tolist()
             for row, i in enumerate(indices):
@@ -205,7 +208,9 @@ def test_assembly_from_raw_steps_handles_lead_gaps_and_channel_lists(tiny_store:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_batches_assembled_on_the_gpu_equal_the_dataloader_batches(tiny_store: Path) -> None:
+@pytest.mark.parametrize("readers", ["threads", "processes"])
+def test_batches_assembled_on_the_gpu_equal_the_dataloader_batches(tiny_store: Path,
+                                                                   readers: str) -> None:
     """The device path on CUDA: copies on a side stream, buffers refilled while earlier
     copies may still be queued behind a second of GPU work, batches on the GPU."""
     cuda = torch.device("cuda")
@@ -214,7 +219,8 @@ def test_batches_assembled_on_the_gpu_equal_the_dataloader_batches(tiny_store: P
     expected = list(DataLoader(ds, batch_size=4, sampler=sampler, drop_last=True))
     got = []
     torch.cuda._sleep(2_000_000_000)
-    with ThreadedBatchLoader(ds, sampler, 4, workers=2, prefetch=2, device=cuda) as loader:
+    with BatchLoader(ds, sampler, 4, workers=2, prefetch=2, device=cuda,
+                     readers=readers) as loader:
         assert loader.on_device
         for batch in loader:
             assert all(t.device.type == "cuda" for t in batch.values())
@@ -228,7 +234,8 @@ def test_batches_assembled_on_the_gpu_equal_the_dataloader_batches(tiny_store: P
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_threaded_loader_buffers_outlive_the_asynchronous_copy(tiny_store: Path) -> None:
+@pytest.mark.parametrize("readers", ["threads", "processes"])
+def test_batch_buffers_outlive_the_asynchronous_copy(tiny_store: Path, readers: str) -> None:
     cuda = torch.device("cuda")
     ds = ForecastDataset(StoreInfo(tiny_store), "train", history=2, lead=1, rollout=2)
     sampler = BlockShuffleSampler(len(ds), 4, seed=2)
@@ -237,8 +244,8 @@ def test_threaded_loader_buffers_outlive_the_asynchronous_copy(tiny_store: Path)
     # about a second of GPU work ahead of every copy: the copies run long after the loop
     # has asked for the next batches, so a buffer refilled too early would be copied
     torch.cuda._sleep(2_000_000_000)
-    with ThreadedBatchLoader(ds, sampler, 4, workers=2, prefetch=2, device=cuda,
-                             on_device=False) as loader:
+    with BatchLoader(ds, sampler, 4, workers=2, prefetch=2, device=cuda, on_device=False,
+                     readers=readers) as loader:
         for batch in loader:
             assert all(t.is_pinned() for t in batch.values())
             copies.append({k: v.to(cuda, non_blocking=True) for k, v in batch.items()})
@@ -248,7 +255,9 @@ def test_threaded_loader_buffers_outlive_the_asynchronous_copy(tiny_store: Path)
             assert torch.equal(got[key].cpu(), want[key]), key
 
 
-def test_a_reader_error_surfaces_with_its_message(tiny_store: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("readers", ["threads", "processes"])
+def test_a_reader_error_surfaces_with_its_message(tiny_store: Path, tmp_path: Path,
+                                                  readers: str) -> None:
     ds = ForecastDataset(StoreInfo(corrupt_shard(tiny_store, tmp_path)), "train", 1, 1)
     sampler = BlockShuffleSampler(len(ds), 4, seed=0)
     order = list(sampler)
@@ -256,32 +265,41 @@ def test_a_reader_error_surfaces_with_its_message(tiny_store: Path, tmp_path: Pa
     with pytest.raises(ValueError) as direct:
         ds[order[first_bad]]
     assert "checksum" in str(direct.value)
-    seen = 0
-    with (ThreadedBatchLoader(ds, sampler, 4, workers=2, prefetch=2) as loader,
+    seen, children = 0, set(mp.active_children())
+    with (BatchLoader(ds, sampler, 4, workers=2, prefetch=2, readers=readers) as loader,
           pytest.raises(ValueError) as err):
         for _ in loader:
             seen += 1
     assert type(err.value) is type(direct.value) and str(err.value) == str(direct.value)
     assert seen == first_bad // 4  # every batch before the broken one arrived
     assert loader_threads() == []
+    assert set(mp.active_children()) <= children  # the reader processes have ended
 
 
-def test_reader_threads_end_on_close(tiny_store: Path) -> None:
+@pytest.mark.parametrize("readers", ["threads", "processes"])
+def test_readers_end_on_close(tiny_store: Path, readers: str) -> None:
     ds = ForecastDataset(StoreInfo(tiny_store), "train", 1, 1)
-    loader = ThreadedBatchLoader(ds, BlockShuffleSampler(len(ds), 4), 4, workers=3, prefetch=3)
+    children = set(mp.active_children())
+    loader = BatchLoader(ds, BlockShuffleSampler(len(ds), 4), 4, workers=3, prefetch=3,
+                         readers=readers)
     next(iter(loader))  # leaves reads in flight
-    assert loader_threads()
+    if readers == "threads":
+        assert loader_threads()
+    else:
+        assert len(set(mp.active_children()) - children) == 3
     loader.close()
     assert loader_threads() == []
+    assert set(mp.active_children()) <= children
     loader.close()  # idempotent
     with pytest.raises(RuntimeError, match="closed"):
         iter(loader)
 
 
-def test_plain_loop_trains_bitwise_alike_with_threads_and_processes(tiny_store: Path,
-                                                                    tmp_path: Path) -> None:
+def test_plain_loop_trains_bitwise_alike_with_every_loader(tiny_store: Path,
+                                                          tmp_path: Path) -> None:
     weights = {}
-    for backend in ("threads", "processes"):
+    backends = ("threads", "processes", "dataloader")
+    for backend in backends:
         # batch 16: 11 batches per epoch, so 14 steps cross an epoch boundary; the threads
         # run also stops at step 6 and resumes mid-epoch
         cfg = config_from_dict(train_config(tiny_store, tmp_path / backend, max_steps=14,
@@ -293,9 +311,10 @@ def test_plain_loop_trains_bitwise_alike_with_threads_and_processes(tiny_store: 
         train_loop(cfg, local_runtime(cfg))
         weights[backend] = checkpoint.load(checkpoint.list_steps(
             cfg.run_dir() / "checkpoints")[0])[0]["model"]
-    assert weights["threads"].keys() == weights["processes"].keys()
-    for name in weights["threads"]:
-        assert torch.equal(weights["threads"][name], weights["processes"][name]), name
+    for backend in backends[1:]:
+        assert weights[backend].keys() == weights["threads"].keys()
+        for name in weights["threads"]:
+            assert torch.equal(weights[backend][name], weights["threads"][name]), (backend, name)
     assert loader_threads() == []
 
 

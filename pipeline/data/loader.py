@@ -1,5 +1,4 @@
-"""Training samples straight from the Zarr store: a torch Dataset, a sampler, and a
-threaded batch loader.
+"""Training samples straight from the Zarr store: a torch Dataset and a sampler.
 
 A sample is ``history`` consecutive input steps ending at time index ``t`` (all
 channels), the forcing channels at each target time, and the predicted channels
@@ -8,8 +7,8 @@ with the store's statistics. Reads go through zarr directly, one call per sample
 the contiguous range of steps it needs (each step is one chunk), or one per run of
 samples at consecutive times (they share all but one step): no dask and no xarray on
 the hot path. The store is opened lazily in each process, so DataLoader workers
-(forked or spawned) each get their own handle. ``ThreadedBatchLoader`` reads batches
-with threads of the training process instead, into reused (pinned) batch buffers.
+(forked or spawned) each get their own handle. ``pipeline.data.batches.BatchLoader``
+reads batches with reader threads or processes into reused (pinned) batch buffers.
 """
 
 from __future__ import annotations
@@ -17,10 +16,8 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
@@ -37,7 +34,6 @@ from pipeline.data.sources import within
 from pipeline.errors import ConfigError, StoreError
 
 OUTPUT_ROLES = ("prognostic", "derived")
-THREAD_PREFIX = "pipeline-loader"  # names of the ThreadedBatchLoader's reader threads
 
 
 @dataclass(frozen=True)
@@ -164,7 +160,7 @@ class ForecastDataset(Dataset):
     """Normalised (inputs, target forcings, targets) samples of one split of a store.
 
     :meth:`read_run_into` writes a run of samples into arrays the caller owns (the batch
-    buffers of :class:`ThreadedBatchLoader`); ``__getitems__`` and ``__getitem__``
+    buffers of ``pipeline.data.batches.BatchLoader``); ``__getitems__`` and ``__getitem__``
     allocate them (the DataLoader path). All give bitwise the same values.
     """
 
@@ -419,306 +415,3 @@ class BlockShuffleSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return (self.batches_per_epoch - self.start_batch) * self.batch_size
-
-
-class _InlineExecutor:
-    """Runs each task at once in the calling thread (``workers=0``: no reader threads)."""
-
-    def submit(self, fn: Callable[..., None], *args: Any) -> Future[None]:
-        future: Future[None] = Future()
-        try:
-            fn(*args)
-        except BaseException as err:  # surfaces from future.result() like a thread's error
-            future.set_exception(err)
-        else:
-            future.set_result(None)
-        return future
-
-    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
-        pass
-
-
-class ThreadedBatchLoader:
-    """Batches read by a pool of threads in this process into a ring of reused buffers.
-
-    Zarr reads, Blosc decompression and the numpy normalisation release the GIL, so
-    threads read in parallel without the DataLoader's process transport (a fresh
-    shared-memory batch per step, pickling, a pin-memory copy in one thread). Each run
-    of consecutive samples of a batch (up to ``RUN_LENGTH``) is one task that writes
-    straight into a preallocated batch buffer (pinned when the device is CUDA).
-    ``prefetch`` batches are in flight while the consumer holds one, so the ring has
-    ``prefetch + 1`` buffers, allocated once. Batches come in the sampler's order, the
-    same batches as ``DataLoader(dataset, batch_size, sampler=sampler, drop_last=True)``,
-    bitwise.
-
-    Where the samples are made (``on_device``; by default on the device when it is CUDA):
-    - on the host: each task normalises its run's steps and copies them into its
-      samples' rows of the buffer (``ForecastDataset.read_run_into``). A yielded batch
-      is that buffer, valid until the consumer asks for the next one; the consumer
-      moves it to the device.
-    - on the device: each task only reads its run's raw steps into the buffer
-      (``read_raw_run_into``). The consumer's thread copies the batch's steps to the
-      device and normalises and gathers the samples there (``ForecastDataset.assemble``):
-      a run of 8 samples with history 1 is 9 steps where its samples hold 16, so the
-      host-to-device traffic halves and the CPU does nothing but decompress. On CUDA the
-      copy runs on a side stream, and the next batch's copy starts as soon as its reads
-      are done, so it overlaps the current step. Yielded tensors are the device's own.
-
-    On CUDA a buffer is refilled only after the copies out of it have completed: a CUDA
-    event recorded after them, waited on by the reader threads, not by the consumer. An
-    error in a reader is raised in the consumer with its original type and message.
-    ``close()`` (or the ``with`` block) stops and joins the threads; starting a new
-    iteration ends the previous one.
-    """
-
-    def __init__(self, dataset: ForecastDataset, sampler: Sampler[int], batch_size: int,
-                 workers: int, prefetch: int = 2, device: torch.device | None = None,
-                 on_device: bool | None = None):
-        if workers < 0 or prefetch < 1 or batch_size < 1:
-            raise ConfigError(f"threaded loader needs workers >= 0, prefetch >= 1 and "
-                              f"batch_size >= 1, got {workers}, {prefetch}, {batch_size}",
-                              "fix train.loader_workers, train.prefetch_factor or train.batch_size")
-        self.dataset, self.sampler, self.batch_size = dataset, sampler, batch_size
-        self.device = device or torch.device("cpu")
-        self._cuda = self.device.type == "cuda"
-        self.on_device = self._cuda if on_device is None else on_device
-        # the device path's copies to a CUDA device run on their own stream
-        self._copy_stream = torch.cuda.Stream(self.device) if self._cuda and self.on_device else None
-        # without reader threads a batch is read when asked for: nothing to prefetch
-        slots = prefetch + 1 if workers > 0 else 1
-        self._tensors = [self._allocate() for _ in range(slots)]
-        self._arrays = [{k: v.numpy() for k, v in b.items()} for b in self._tensors]
-        # per slot: the CUDA event to wait for before refilling it (None: free to write)
-        self._ready: list[torch.cuda.Event | None] = [None] * slots
-        self._pool: ThreadPoolExecutor | _InlineExecutor = (
-            ThreadPoolExecutor(workers, thread_name_prefix=THREAD_PREFIX) if workers > 0
-            else _InlineExecutor())
-        # each reader thread runs its zarr reads on its own event loop (see
-        # ForecastDataset._read_steps_into); the loops share one pool for file reads and
-        # decompression, sized like asyncio's default
-        io_threads = max(workers, min(32, (os.cpu_count() or 1) + 4))
-        self._io = ThreadPoolExecutor(io_threads, thread_name_prefix=f"{THREAD_PREFIX}-io")
-        self._local = threading.local()
-        self._loops: list[asyncio.AbstractEventLoop] = []
-        self._lock = threading.Lock()
-        self._epoch: _EpochIterator | None = None
-        self._closed = False
-
-    def _allocate(self) -> dict[str, torch.Tensor]:
-        """One batch buffer: the samples (host path) or the raw steps of the batch's runs
-        and where each sample's rows are (device path; room for every sample alone)."""
-        b, ds = self.batch_size, self.dataset
-        if self.on_device:
-            floats = {"steps": (b * ds.run_steps(1), *ds.sample_shapes["inputs"][1:])}
-            ints = {"inputs_at": (b, ds.history), "targets_at": (b, ds.rollout), "index": (b,)}
-        else:
-            floats = {k: (b, *shape) for k, shape in ds.sample_shapes.items()}
-            ints = {"index": (b,)}
-        kinds = [(floats, torch.float32), (ints, torch.int64)]
-        return {k: torch.empty(shape, dtype=dtype, pin_memory=self._cuda)
-                for shapes, dtype in kinds for k, shape in shapes.items()}
-
-    def __len__(self) -> int:
-        return len(self.sampler) // self.batch_size  # type: ignore[arg-type]
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        if self._closed:
-            raise RuntimeError("the loader is closed")
-        if self._epoch is not None:
-            self._epoch.close()
-        order = np.fromiter(iter(self.sampler), dtype=np.int64)
-        n = order.size // self.batch_size  # drop_last, like the DataLoader path
-        self._epoch = _EpochIterator(self, order[: n * self.batch_size].reshape(n, self.batch_size))
-        return self._epoch
-
-    def _submit(self, slot: int, batch: np.ndarray) -> _Pending:
-        """Queue the reads of ``batch`` (sample indices) into buffer ``slot``: a task per run."""
-        ready = self._ready[slot]  # kept: waiting on a done event costs nothing
-        runs = consecutive_runs(self.dataset.times[batch], RUN_LENGTH)
-        pending = _Pending(slot)
-        for rows in runs:
-            indices = batch[rows].tolist()
-            if self.on_device:
-                pending.futures.append(self._pool.submit(
-                    self._read_raw, slot, rows, pending.rows, indices, ready))
-                pending.rows += self.dataset.run_steps(len(indices))
-            else:
-                pending.futures.append(self._pool.submit(self._read, slot, rows, indices, ready))
-        return pending
-
-    def _read(self, slot: int, rows: slice, indices: list[int],
-              ready: torch.cuda.Event | None) -> None:
-        """Host path: the run's samples, normalised, into their rows of the batch."""
-        if ready is not None:
-            ready.synchronize()  # the consumer's copy out of this buffer has finished
-        out = self._arrays[slot]
-        out["index"][rows] = self.dataset.read_run_into(
-            indices, out["inputs"][rows], out["target_forcings"][rows], out["targets"][rows],
-            self._thread_loop())
-
-    def _read_raw(self, slot: int, rows: slice, first_row: int, indices: list[int],
-                  ready: torch.cuda.Event | None) -> None:
-        """Device path: the run's raw steps from ``first_row`` on, and its samples' rows."""
-        if ready is not None:
-            ready.synchronize()  # the copy out of this buffer has finished
-        out = self._arrays[slot]
-        out["index"][rows] = self.dataset.read_raw_run_into(
-            indices, out["steps"][first_row:], self._thread_loop())
-        inputs_at, targets_at = self.dataset.sample_rows(len(indices))
-        out["inputs_at"][rows] = first_row + inputs_at
-        out["targets_at"][rows] = first_row + targets_at
-
-    def _release(self, slot: int) -> None:
-        """Host path: the consumer is done with ``slot``; on CUDA, mark the copies queued so far."""
-        if self._cuda:
-            ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(self.device))
-            self._ready[slot] = ready
-
-    def _stage(self, pending: _Pending) -> None:
-        """Device path: start moving a read batch to the device. On CUDA the copy runs on
-        the side stream, and the buffer may be refilled once it is done. In host memory
-        the steps stay where they are (the assembly normalises them in place)."""
-        source = self._tensors[pending.slot]
-        parts = {k: source[k] for k in ("inputs_at", "targets_at", "index")}
-        parts["steps"] = source["steps"][: pending.rows]
-        if self._copy_stream is None:
-            pending.staged = {**parts, "index": parts["index"].clone()}  # the rest is used at once
-            return
-        with torch.cuda.stream(self._copy_stream):
-            pending.staged = {k: v.to(self.device, non_blocking=True) for k, v in parts.items()}
-            pending.copied = torch.cuda.Event()
-            pending.copied.record(self._copy_stream)
-        self._ready[pending.slot] = pending.copied
-
-    def _assemble(self, pending: _Pending) -> dict[str, torch.Tensor]:
-        """Device path: the batch's samples from its staged steps, queued after the copy."""
-        staged = pending.staged
-        assert staged is not None
-        if pending.copied is not None:
-            stream = torch.cuda.current_stream(self.device)
-            stream.wait_event(pending.copied)
-            for tensor in staged.values():  # made on the copy stream, used on this one
-                tensor.record_stream(stream)
-        batch = self.dataset.assemble(staged["steps"], staged["inputs_at"], staged["targets_at"])
-        batch["index"] = staged["index"]
-        return batch
-
-    def _thread_loop(self) -> asyncio.AbstractEventLoop | None:
-        """This reader thread's event loop; None without reader threads (zarr's own loop)."""
-        if isinstance(self._pool, _InlineExecutor):
-            return None
-        loop = getattr(self._local, "loop", None)
-        if loop is None:
-            loop = self._local.loop = asyncio.new_event_loop()
-            loop.set_default_executor(self._io)
-            with self._lock:
-                self._loops.append(loop)
-        return loop
-
-    def close(self) -> None:
-        """End the current iteration and join the reader threads (idempotent)."""
-        if self._epoch is not None:
-            self._epoch.close()
-            self._epoch = None
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        with self._lock:
-            for loop in self._loops:
-                loop.close()  # no reader runs it any more
-            self._loops.clear()
-        self._io.shutdown(wait=True)
-        self._closed = True
-
-    def __enter__(self) -> ThreadedBatchLoader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-@dataclass
-class _Pending:
-    """A batch whose reads are queued: its buffer, one future per run and, on the
-    device path, how many rows of steps its runs fill and its copy to the device."""
-
-    slot: int
-    futures: list[Future[None]] = field(default_factory=list)
-    rows: int = 0
-    staged: dict[str, torch.Tensor] | None = None
-    copied: torch.cuda.Event | None = None  # on CUDA: recorded after the copy
-
-    def read(self) -> bool:
-        """Whether every read has finished without an error."""
-        return all(f.done() and not f.cancelled() and f.exception() is None
-                   for f in self.futures)
-
-
-class _EpochIterator:
-    """One pass over a batch order: keeps ``slots - 1`` batches in flight."""
-
-    def __init__(self, loader: ThreadedBatchLoader, batches: np.ndarray):
-        self.loader, self.batches = loader, batches
-        self.free = deque(range(len(loader._tensors)))
-        self.pending: deque[_Pending] = deque()
-        self.submitted = 0
-        self.held: int | None = None  # host path: the slot the consumer has
-        self.done = False
-
-    def __iter__(self) -> _EpochIterator:
-        return self
-
-    def _fill(self) -> None:
-        while self.free and self.submitted < len(self.batches):
-            self.pending.append(self.loader._submit(self.free.popleft(),
-                                                    self.batches[self.submitted]))
-            self.submitted += 1
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        if self.done:
-            raise StopIteration
-        if self.held is not None:  # the consumer asks for the next: it is done with this one
-            self.loader._release(self.held)
-            self.free.append(self.held)
-            self.held = None
-        self._fill()
-        if not self.pending:
-            self.close()
-            raise StopIteration
-        head = self.pending.popleft()
-        try:
-            for future in head.futures:
-                future.result()
-        except BaseException:
-            self.close()
-            raise
-        if not self.loader.on_device:
-            self.held = head.slot
-            return self.loader._tensors[head.slot]
-        if head.staged is None:
-            self._stage(head)
-        batch = self.loader._assemble(head)
-        if head.copied is None:  # assembled in the buffer itself: free only now
-            self.free.append(head.slot)
-        upcoming = self.pending[0] if self.pending else None
-        if (self.loader._copy_stream is not None and upcoming is not None
-                and upcoming.staged is None and upcoming.read()):
-            self._stage(upcoming)  # its copy overlaps the step about to run on this batch
-        self._fill()
-        return batch
-
-    def _stage(self, pending: _Pending) -> None:
-        self.loader._stage(pending)
-        if pending.copied is not None:  # refilled once the copy is done
-            self.free.append(pending.slot)
-
-    def close(self) -> None:
-        """Cancel the batches not started and wait for the reads under way."""
-        self.done = True
-        if self.held is not None:
-            self.loader._release(self.held)
-            self.held = None
-        futures = [f for pending in self.pending for f in pending.futures]
-        for future in futures:
-            future.cancel()
-        wait(futures)
-        self.pending.clear()

@@ -27,12 +27,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from pipeline.config import Config, config_hash, resolved_dict
-from pipeline.data.loader import (
-    BlockShuffleSampler,
-    ForecastDataset,
-    StoreInfo,
-    ThreadedBatchLoader,
-)
+from pipeline.data.batches import BatchLoader
+from pipeline.data.loader import BlockShuffleSampler, ForecastDataset, StoreInfo
 from pipeline.errors import CheckpointError
 from pipeline.train import checkpoint
 from pipeline.train.models import area_weighted_mse, build_model
@@ -354,30 +350,27 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def loader_backend(self) -> str:
-        """'threads' or 'processes', from train.loader.
+        """'threads', 'processes' or 'dataloader', from train.loader.
 
-        ``auto``, from bench/loader.py and bench/train_gpu.py (docs/benchmarks.md): threads
-        on a GPU, processes on CPU. On an H200 with 16 cores and 14 MB samples, DataLoader
-        processes stalled at 67-81 samples/s whatever their number (the transport: a
-        fresh shared-memory batch per step, unpickling, the pin-memory copy in one
-        thread), threads trained at 207 (data wait 84 % -> 21 %). On CPU the reads share
-        the GIL with each other and with the training thread: threads read the 21 MB
-        samples 1.4x faster than two processes, but small (0.3 MB) samples 1.9x slower,
-        and CPU runs are the small ones (demo, tests), where training, not reading, is
-        the bound either way.
+        ``auto`` is reader processes (bench/loader.py, bench/train_gpu.py;
+        docs/benchmarks.md). On an H100 with 16 cores and 14 MB samples, DataLoader
+        processes stalled at 81 samples/s whatever their number (the transport: a fresh
+        shared-memory batch per step, unpickling, the pin-memory copy in one thread); 8
+        reader threads trained at 273-300, their reads waiting for the GIL beside the
+        training thread; 8 reader processes at 337. On 2 CPU cores, 2 reader processes
+        read 2.0-2.4x the DataLoader's samples/s (small and large stores) and threads
+        fall behind on small samples (zarr's per-chunk Python holds the GIL).
         """
         backend = self.cfg.train.loader
-        if backend == "auto":
-            return "threads" if self.rt.device.type == "cuda" else "processes"
-        return backend
+        return "processes" if backend == "auto" else backend
 
-    def loader(self) -> DataLoader | ThreadedBatchLoader:
+    def loader(self) -> DataLoader | BatchLoader:
         t = self.cfg.train
-        workers = t.loader_workers
-        if self.loader_backend() == "threads":
-            return ThreadedBatchLoader(self.train_set, self.sampler, t.batch_size, workers,
-                                       t.prefetch_factor, self.rt.device,
-                                       on_device=t.assemble_on_device and self.rt.device.type == "cuda")
+        workers, backend = t.loader_workers, self.loader_backend()
+        if backend in ("threads", "processes"):
+            on_device = t.assemble_on_device and self.rt.device.type == "cuda"
+            return BatchLoader(self.train_set, self.sampler, t.batch_size, workers,
+                               t.prefetch_factor, self.rt.device, on_device, readers=backend)
         return DataLoader(self.train_set, batch_size=t.batch_size, sampler=self.sampler,
                           num_workers=workers, pin_memory=self.rt.device.type == "cuda",
                           persistent_workers=workers > 0,
@@ -390,10 +383,10 @@ class Trainer:
         try:
             return self._run(loader)
         finally:
-            if isinstance(loader, ThreadedBatchLoader):
-                loader.close()  # joins the reader threads, also on an exception
+            if isinstance(loader, BatchLoader):
+                loader.close()  # stops the readers, also on an exception
 
-    def _run(self, loader: DataLoader | ThreadedBatchLoader) -> dict[str, Any]:
+    def _run(self, loader: DataLoader | BatchLoader) -> dict[str, Any]:
         t, p = self.cfg.train, self.progress
         last: dict[str, Any] = {}
         window = {"wait": 0.0, "total": 0.0, "samples": 0, "loss": 0.0, "steps": 0}
@@ -404,7 +397,7 @@ class Trainer:
             self.sampler.set_epoch(p.epoch, p.batch_in_epoch)
             tick = time.perf_counter()
             # asking for the next batch hands the previous one's buffer back to the
-            # threaded loader: nothing may hold on to a batch past its step
+            # batch loader: nothing may hold on to a batch past its step
             for sample in loader:
                 got = time.perf_counter()  # got - tick: waiting for data
                 loss = self.train_step(Batch.to(sample, self.rt.device))
