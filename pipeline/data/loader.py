@@ -30,6 +30,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.indexing import BasicIndexer
 
 from pipeline.data import store
+from pipeline.data.shards import StepReader
 from pipeline.data.sources import within
 from pipeline.errors import ConfigError, StoreError
 
@@ -189,6 +190,7 @@ class ForecastDataset(Dataset):
         }
         self._block_shape = (history + lead * rollout, len(self.layout.channels), *grid)
         self._array: zarr.Array | None = None
+        self._steps: StepReader | None = None  # None: zarr reads (see _read_steps_into)
         self._pid = -1
         self._local = threading.local()
         self._on_device: dict[torch.device, tuple[Any, ...]] = {}  # see _device_constants
@@ -196,7 +198,8 @@ class ForecastDataset(Dataset):
     def __getstate__(self) -> dict[str, Any]:
         # the zarr handle, the per-thread read buffers and the device copies stay in the
         # process that made them
-        return {**self.__dict__, "_array": None, "_pid": -1, "_local": None, "_on_device": {}}
+        return {**self.__dict__, "_array": None, "_steps": None, "_pid": -1, "_local": None,
+                "_on_device": {}}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state, _local=threading.local())
@@ -207,6 +210,7 @@ class ForecastDataset(Dataset):
     def _data(self) -> zarr.Array:
         if self._array is None or self._pid != os.getpid():  # reopen after a fork
             self._array = zarr.open_array(self.path, path="data", mode="r")
+            self._steps = StepReader.for_array(self._array)
             self._pid = os.getpid()
         return self._array
 
@@ -227,22 +231,29 @@ class ForecastDataset(Dataset):
                          loop: asyncio.AbstractEventLoop | None) -> None:
         """The raw steps ``first .. first + len(out) - 1`` into ``out`` (C-contiguous).
 
-        Without ``loop`` the read goes through zarr's sync API, which runs every read of
-        the process on zarr's one event-loop thread; that thread also copies each decoded
-        chunk into the result (twice for sharded arrays) and was 80 % busy with two reader
-        threads on two cores (py-spy). With ``loop`` (an event loop owned by the calling
-        thread) the same read runs on it, so reader threads copy in parallel.
+        A store in the layout this pipeline writes is read by ``shards.StepReader``,
+        which decodes each step straight into ``out``. Any other goes through zarr:
+        without ``loop`` through its sync API, which runs every read of the process on
+        zarr's one event-loop thread; that thread also copies each decoded chunk into the
+        result (twice for sharded arrays) and was 80 % busy with two reader threads on
+        two cores (py-spy). With ``loop`` (an event loop owned by the calling thread) the
+        same read runs on it, so reader threads copy in parallel.
         """
+        array = self._data()
+        if self._steps is not None:  # the store's own layout: decoded straight into out
+            self._steps.read(first, out)
+            return
         selection = slice(first, first + out.shape[0])
         prototype = default_buffer_prototype()
         buffer = prototype.nd_buffer.from_numpy_array(out)
         if loop is None:
-            self._data().get_basic_selection(selection, out=buffer)
+            array.get_basic_selection(selection, out=buffer)
         else:
-            array = self._data().async_array
-            indexer = BasicIndexer(selection, array.shape, array.metadata.chunk_grid)
+            async_array = array.async_array
+            indexer = BasicIndexer(selection, async_array.shape, async_array.metadata.chunk_grid)
             # what Array.get_basic_selection awaits, on this thread's loop
-            loop.run_until_complete(array._get_selection(indexer, prototype=prototype, out=buffer))
+            loop.run_until_complete(async_array._get_selection(indexer, prototype=prototype,
+                                                               out=buffer))
 
     def _run_times(self, indices: Sequence[int]) -> np.ndarray:
         """The time indices of a run's samples; they must be consecutive."""

@@ -1,0 +1,76 @@
+"""StepReader: whole steps decoded from the store's shard files, bitwise zarr's reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from pipeline.config import Codec
+from pipeline.data import store
+from pipeline.data.shards import StepReader
+from pipeline.errors import StoreError
+
+pytestmark = pytest.mark.unit
+
+SHAPE = (21, 3, 5, 8)  # time, channel, lat, lon: 3 shards of 8 steps, the last partial
+SHARD = 8
+
+
+def data_array(path: Path, codec: Codec, shards: int | None = SHARD,
+               chunk_steps: int = 1) -> zarr.Array:
+    """A data array laid out as ``store.create`` lays it out (or not, when asked), with
+    NaNs, a shard never written (steps 8-15) and steps never written (19, 20)."""
+    t, c, y, x = SHAPE
+    array = zarr.create_array(
+        str(path), name="data", shape=SHAPE, dtype="float32", chunks=(chunk_steps, c, y, x),
+        shards=(shards, c, y, x) if shards else None, compressors=store.compressors(codec),
+        fill_value=np.nan)
+    values = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
+    values[3, 1, 2, :4] = np.nan
+    array[0:8] = values[0:8]
+    array[16:19] = values[16:19]
+    return zarr.open_array(str(path), path="data", mode="r")
+
+
+@pytest.mark.parametrize("codec", [Codec(), Codec(name="zstd", level=3), Codec(name="none")],
+                         ids=["blosc", "zstd", "none"])
+def test_steps_decoded_from_shards_are_bitwise_zarrs(tmp_path: Path, codec: Codec) -> None:
+    array = data_array(tmp_path / "s.zarr", codec)
+    reader = StepReader.for_array(array)
+    assert reader is not None
+    for first, n in [(0, 21), (2, 1), (5, 6), (7, 10), (15, 6), (19, 2)]:
+        out = np.full((n, *SHAPE[1:]), 7.0, dtype=np.float32)
+        reader.read(first, out)
+        expected = array[first:first + n]
+        assert out.view(np.uint32).tobytes() == expected.view(np.uint32).tobytes(), (first, n)
+
+
+@pytest.mark.parametrize(("shards", "chunk_steps"), [(None, 1), (SHARD, 2)],
+                         ids=["unsharded", "two-steps-per-chunk"])
+def test_other_layouts_are_left_to_zarr(tmp_path: Path, shards: int | None,
+                                        chunk_steps: int) -> None:
+    array = data_array(tmp_path / "s.zarr", Codec(), shards, chunk_steps)
+    assert StepReader.for_array(array) is None
+
+
+def test_a_damaged_shard_is_named(tmp_path: Path) -> None:
+    array = data_array(tmp_path / "s.zarr", Codec())
+    reader = StepReader.for_array(array)
+    assert reader is not None
+    shard = tmp_path / "s.zarr" / "data" / "c" / "2" / "0" / "0" / "0"
+    good = shard.read_bytes()
+    out = np.empty((2, *SHAPE[1:]), dtype=np.float32)
+    shard.write_bytes(good[:-4] + bytes(4))  # the CRC32C ends the index
+    with pytest.raises(StoreError, match=r"c/2/0/0/0 is corrupt: its index checksum"):
+        reader.read(16, out)
+    shard.write_bytes(good[:20])
+    with pytest.raises(StoreError, match="truncated"):
+        reader.read(16, out)
+    corrupt = bytearray(good)
+    corrupt[10:30] = bytes(20)  # inside the first step's compressed bytes
+    shard.write_bytes(bytes(corrupt))
+    with pytest.raises(StoreError, match="does not decode"):
+        reader.read(16, out)
