@@ -212,6 +212,22 @@ def test_ray_learns_and_resumes_bitwise(workers: int, tiny_store: Path, tmp_path
                                    [m["train_loss"] for m in history], rtol=1e-6)
 
 
+def test_ray_workers_read_with_reader_processes(tiny_store: Path, tmp_path: Path,
+                                                ray_session: None) -> None:
+    """A Ray Train worker spawns its reader processes (the default loader on a cluster
+    with train.loader_workers > 0) and trains the loss curve of the plain loop."""
+    from pipeline.train.trainer import train
+
+    ray_run = config(tiny_store, tmp_path / "ray", max_steps=10, val_every=5,
+                     checkpoint_every=5, batch_size=4, loader="processes", loader_workers=2)
+    train(ray_run)
+    plain = config(tiny_store, tmp_path / "plain", max_steps=10, val_every=5,
+                   checkpoint_every=5, batch_size=4)
+    train_loop(plain, local_runtime(plain))
+    np.testing.assert_allclose([m["train_loss"] for m in metrics(plain.run_dir())],
+                               [m["train_loss"] for m in metrics(ray_run.run_dir())], rtol=1e-6)
+
+
 def _kill_a_worker_when(run: Path, step: int, killed: list[int]) -> None:
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
