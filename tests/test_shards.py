@@ -1,4 +1,5 @@
-"""StepReader: whole steps decoded from the store's shard files, bitwise zarr's reads."""
+"""ShardFiles: whole steps read from and written to the store's shard files, bitwise
+zarr's reads and readable by zarr."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import zarr
 
 from pipeline.config import Codec
 from pipeline.data import store
-from pipeline.data.shards import StepReader
+from pipeline.data.shards import ShardFiles
 from pipeline.errors import StoreError
 
 pytestmark = pytest.mark.unit
@@ -39,7 +40,7 @@ def data_array(path: Path, codec: Codec, shards: int | None = SHARD,
                          ids=["blosc", "zstd", "none"])
 def test_steps_decoded_from_shards_are_bitwise_zarrs(tmp_path: Path, codec: Codec) -> None:
     array = data_array(tmp_path / "s.zarr", codec)
-    reader = StepReader.for_array(array)
+    reader = ShardFiles.of(array)
     assert reader is not None
     for first, n in [(0, 21), (2, 1), (5, 6), (7, 10), (15, 6), (19, 2)]:
         out = np.full((n, *SHAPE[1:]), 7.0, dtype=np.float32)
@@ -53,12 +54,12 @@ def test_steps_decoded_from_shards_are_bitwise_zarrs(tmp_path: Path, codec: Code
 def test_other_layouts_are_left_to_zarr(tmp_path: Path, shards: int | None,
                                         chunk_steps: int) -> None:
     array = data_array(tmp_path / "s.zarr", Codec(), shards, chunk_steps)
-    assert StepReader.for_array(array) is None
+    assert ShardFiles.of(array) is None
 
 
 def test_a_damaged_shard_is_named(tmp_path: Path) -> None:
     array = data_array(tmp_path / "s.zarr", Codec())
-    reader = StepReader.for_array(array)
+    reader = ShardFiles.of(array)
     assert reader is not None
     shard = tmp_path / "s.zarr" / "data" / "c" / "2" / "0" / "0" / "0"
     good = shard.read_bytes()
@@ -74,3 +75,23 @@ def test_a_damaged_shard_is_named(tmp_path: Path) -> None:
     shard.write_bytes(bytes(corrupt))
     with pytest.raises(StoreError, match="does not decode"):
         reader.read(16, out)
+
+
+@pytest.mark.parametrize("codec", [Codec(), Codec(name="zstd", level=3), Codec(name="none")],
+                         ids=["blosc", "zstd", "none"])
+def test_shards_written_whole_read_back_through_zarr(tmp_path: Path, codec: Codec) -> None:
+    """A full shard and the last, partial one, written by ShardFiles over zarr's own
+    shards and into a shard never written: zarr reads back exactly the blocks."""
+    array = data_array(tmp_path / "s.zarr", codec)
+    files = ShardFiles.of(array)
+    assert files is not None
+    blocks = np.random.default_rng(1).standard_normal(SHAPE).astype(np.float32)
+    blocks[9, 0, 0, 0] = np.nan
+    for shard in (0, 1, 2):
+        files.write(shard, blocks[shard * SHARD:(shard + 1) * SHARD])
+    got = zarr.open_array(str(tmp_path / "s.zarr"), path="data", mode="r")[:]
+    assert got.view(np.uint32).tobytes() == blocks.view(np.uint32).tobytes()
+    shard_dir = tmp_path / "s.zarr" / "data" / "c" / "1" / "0" / "0"
+    assert sorted(p.name for p in shard_dir.iterdir()) == ["0"]  # no temporary file left
+    with pytest.raises(ValueError, match="a shard holds up to 8 steps"):
+        files.write(0, blocks[:9])

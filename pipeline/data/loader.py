@@ -30,7 +30,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.indexing import BasicIndexer
 
 from pipeline.data import store
-from pipeline.data.shards import StepReader
+from pipeline.data.shards import ShardFiles
 from pipeline.data.sources import within
 from pipeline.errors import ConfigError, StoreError
 
@@ -190,7 +190,7 @@ class ForecastDataset(Dataset):
         }
         self._block_shape = (history + lead * rollout, len(self.layout.channels), *grid)
         self._array: zarr.Array | None = None
-        self._steps: StepReader | None = None  # None: zarr reads (see _read_steps_into)
+        self._steps: ShardFiles | None = None  # None: zarr reads (see _read_steps_into)
         self._pid = -1
         self._local = threading.local()
         self._on_device: dict[torch.device, tuple[Any, ...]] = {}  # see _device_constants
@@ -210,7 +210,7 @@ class ForecastDataset(Dataset):
     def _data(self) -> zarr.Array:
         if self._array is None or self._pid != os.getpid():  # reopen after a fork
             self._array = zarr.open_array(self.path, path="data", mode="r")
-            self._steps = StepReader.for_array(self._array)
+            self._steps = ShardFiles.of(self._array)
             self._pid = os.getpid()
         return self._array
 
@@ -231,7 +231,7 @@ class ForecastDataset(Dataset):
                          loop: asyncio.AbstractEventLoop | None) -> None:
         """The raw steps ``first .. first + len(out) - 1`` into ``out`` (C-contiguous).
 
-        A store in the layout this pipeline writes is read by ``shards.StepReader``,
+        A store in the layout this pipeline writes is read by ``shards.ShardFiles``,
         which decodes each step straight into ``out``. Any other goes through zarr:
         without ``loop`` through its sync API, which runs every read of the process on
         zarr's one event-loop thread; that thread also copies each decoded chunk into the

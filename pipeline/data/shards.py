@@ -1,20 +1,25 @@
-"""Whole time steps of the store's data array, decoded from their shard files straight
-into the caller's buffer.
+"""The store's data array, read and written whole time steps at a time straight from and
+into its shard files.
 
-Zarr reads a step of a sharded array through its async codec pipeline: it fills a
-buffer for the shard's selection, decodes the chunk into a fresh array, copies that into
-the shard buffer, then copies the shard buffer into the caller's ``out``: about 50 MB
-of memory traffic for a 7 MB step, and Python between every C call (which a reader
-thread must take the GIL back for). The store this pipeline writes has one layout
-(``store.create``): shards of whole steps along time, one inner chunk per step, the
-bytes codec and Blosc, Zstd or no compression, the shard index at the end with a CRC32C.
-For that layout, ``StepReader`` reads the shard index, checks its checksum, and
-decodes each step's bytes straight into ``out`` (2.2x zarr's single-thread rate on the
-benchmark store; bench/loader.py). Any other layout is read through zarr.
+Zarr moves a step of a sharded array through its async codec pipeline. Reading: it
+fills a buffer for the shard's selection, decodes the chunk into a fresh array, copies
+that into the shard buffer, then into the caller's ``out`` (about 50 MB of memory
+traffic for a 7 MB step), with Python between every C call (which a reader thread must
+take the GIL back for). Writing: it fills each chunk with the fill value, copies the
+step in, encodes it, and joins the encoded chunks into the shard's bytes. The store
+this pipeline writes has one layout (``store.create``): shards of whole steps along
+time, one inner chunk per step, the bytes codec then Blosc, Zstd or no compression,
+and the shard index (offset and length of each step, little-endian uint64) at the end
+with a CRC32C. For that layout, ``ShardFiles`` decodes each step straight into the
+caller's buffer (2.2x zarr's single-thread rate on the benchmark store; bench/loader.py)
+and writes a shard as its encoded steps and its index in one file, atomically. The
+metadata stays zarr's, and zarr and xarray read the shards as their own (tested). Any
+other layout is left to zarr.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,23 +34,27 @@ from pipeline.errors import StoreError
 
 EMPTY = 2**64 - 1  # offset and length of an inner chunk that was never written
 _REBUILD = "rebuild the store's damaged shards: rerun `pipeline preprocess` on a fresh store path"
+_BLOSC_SHUFFLE = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE,
+                  "bitshuffle": numcodecs.Blosc.BITSHUFFLE}
 
 
-class StepReader:
-    """Reads steps ``first .. first + len(out) - 1`` of a data array shaped (time, ...)
-    into ``out``; made by :meth:`for_array` only for the layout above."""
+class ShardFiles:
+    """Whole steps of a data array shaped (time, ...) in the layout above; made by
+    :meth:`of` only for that layout."""
 
-    def __init__(self, root: Path, array: zarr.Array, decoder: Any | None):
-        self._root, self._decoder = root, decoder
+    def __init__(self, array: zarr.Array, codec: Any | None):
+        self._root = Path(array.store.root) / array.path
+        self._codec = codec  # numcodecs compressor, or None for no compression
         self._metadata = array.metadata
+        self._step_shape = tuple(array.shape[1:])
         self._shard_steps = array.metadata.chunk_grid.chunk_shape[0]
         self._fill = np.float32(array.metadata.fill_value)
         self._index_bytes = 16 * self._shard_steps + 4  # (offset, length) per step, CRC32C
         self._crc = numcodecs.CRC32C(location="end")
 
     @classmethod
-    def for_array(cls, array: zarr.Array) -> StepReader | None:
-        """A reader for ``array`` if it has the layout this pipeline writes, else None."""
+    def of(cls, array: zarr.Array) -> ShardFiles | None:
+        """The shard files of ``array`` if it has the layout this pipeline writes, else None."""
         meta = array.metadata
         if (not isinstance(array.store, LocalStore) or sys.byteorder != "little"
                 or getattr(meta, "zarr_format", None) != 3 or np.dtype(array.dtype) != np.float32
@@ -63,18 +72,51 @@ class StepReader:
         if not inner or not isinstance(inner[0], zarr.codecs.BytesCodec) \
                 or inner[0].endian not in (None, zarr.codecs.Endian.little):
             return None
-        decoder: Any | None
         if len(inner) == 1:
-            decoder = None
-        elif len(inner) == 2 and isinstance(inner[1], zarr.codecs.BloscCodec):
-            decoder = numcodecs.Blosc()  # Blosc frames describe themselves
-        elif len(inner) == 2 and isinstance(inner[1], zarr.codecs.ZstdCodec):
-            decoder = numcodecs.Zstd()
-        else:
-            return None
-        return cls(Path(array.store.root) / array.path, array, decoder)
+            return cls(array, None)
+        compressor = inner[1]
+        if len(inner) == 2 and isinstance(compressor, zarr.codecs.BloscCodec):
+            return cls(array, numcodecs.Blosc(
+                cname=compressor.cname.value, clevel=compressor.clevel,
+                shuffle=_BLOSC_SHUFFLE[compressor.shuffle.value], blocksize=compressor.blocksize))
+        if len(inner) == 2 and isinstance(compressor, zarr.codecs.ZstdCodec):
+            return cls(array, numcodecs.Zstd(level=compressor.level, checksum=compressor.checksum))
+        return None
+
+    def _path(self, shard: int) -> Path:
+        return self._root / self._metadata.encode_chunk_key((shard, *[0] * len(self._step_shape)))
+
+    # ------------------------------------------------------------------ writing
+
+    def write(self, shard: int, block: np.ndarray) -> None:
+        """Write ``shard`` whole: ``block`` holds its steps (all of them, or those up to
+        the end of the time axis). A temporary file renamed into place, so the shard is
+        either the old one or the new one, never half of each."""
+        if block.shape[1:] != self._step_shape or not 0 < block.shape[0] <= self._shard_steps:
+            raise ValueError(f"a shard holds up to {self._shard_steps} steps of shape "
+                             f"{self._step_shape}, got {block.shape}")
+        steps = np.ascontiguousarray(block, dtype=np.float32)
+        encoded = [self._encode(step) for step in steps]
+        index = np.full((self._shard_steps, 2), EMPTY, dtype="<u8")
+        lengths = np.array([len(e) for e in encoded], dtype="<u8")
+        index[:len(encoded), 0] = np.cumsum(lengths) - lengths
+        index[:len(encoded), 1] = lengths
+        path = self._path(shard)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial")
+        with open(partial, "wb") as f:
+            for part in encoded:
+                f.write(part)
+            f.write(self._crc.encode(index.tobytes()))
+        os.replace(partial, path)
+
+    def _encode(self, step: np.ndarray) -> Any:
+        return memoryview(step).cast("B") if self._codec is None else self._codec.encode(step)
+
+    # ------------------------------------------------------------------ reading
 
     def read(self, first: int, out: np.ndarray) -> None:
+        """Steps ``first .. first + len(out) - 1`` into ``out`` (C-contiguous)."""
         t, stop = first, first + out.shape[0]
         while t < stop:
             shard = t // self._shard_steps
@@ -84,7 +126,7 @@ class StepReader:
 
     def _read_shard(self, shard: int, first: int, out: np.ndarray) -> None:
         """Steps ``first ..`` (all in ``shard``) into ``out``."""
-        path = self._root / self._metadata.encode_chunk_key((shard, *[0] * (out.ndim - 1)))
+        path = self._path(shard)
         try:
             f = open(path, "rb")  # noqa: SIM115 (closed below)
         except FileNotFoundError:
@@ -111,13 +153,12 @@ class StepReader:
                 self._decode(f, length, step, path)
 
     def _decode(self, f: Any, length: int, step: np.ndarray, path: Path) -> None:
-        if self._decoder is None:
+        if self._codec is None:
             if length != step.nbytes or f.readinto(memoryview(step).cast("B")) != length:
                 raise StoreError(f"shard {path} holds a step of the wrong size", _REBUILD)
             return
         try:
-            self._decoder.decode(f.read(length), out=step)
+            self._codec.decode(f.read(length), out=step)
         except (RuntimeError, ValueError) as err:
             raise StoreError(f"shard {path} holds a step that does not decode: {err}",
                              _REBUILD) from err
-

@@ -28,6 +28,7 @@ import xarray as xr
 import zarr
 import zarr.codecs
 
+from pipeline.data.shards import ShardFiles
 from pipeline.errors import StoreError
 
 FORMAT_VERSION = 1
@@ -120,14 +121,20 @@ def done_flags(group: zarr.Group) -> np.ndarray:
 
 def write_shard(path: str | Path, shard: int, t0: int, block: np.ndarray, partial: np.ndarray) -> None:
     """Write one whole shard, then its statistics, then its done flag (in that order,
-    so a flag is only ever set over complete data)."""
+    so a flag is only ever set over complete data). The shard's file is written by
+    ``ShardFiles`` (its steps encoded straight from ``block``), or by zarr for a layout
+    it does not handle."""
     # write_empty_chunks: skip zarr's test of every chunk (and of the shard) for all-NaN,
     # the fill value: two passes and masks per chunk, 10 % of the write; a stored step is
     # never all NaN (the NaN policy rejects or fills NaNs)
     with zarr.config.set({"array.write_empty_chunks": True}):
         group = zarr.open_group(str(path), mode="r+")
         data = group["data"]
-    data[t0:t0 + block.shape[0]] = block
+    files = ShardFiles.of(data)
+    if files is not None:
+        files.write(shard, block)
+    else:
+        data[t0:t0 + block.shape[0]] = block
     group["_build/stats"][shard] = partial
     group["_build/done"][shard] = True
 
