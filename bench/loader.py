@@ -2,14 +2,14 @@
 
 On the ``large`` store (121 x 240, 61 channels), for the same sample times in the same
 order (the training sampler's), in one process:
-- ``pipeline``: ``ForecastDataset[i]`` (one zarr read per sample, normalised tensors);
-- ``zarr_limit``: the same zarr reads with nothing else (``array[lo:hi]``, a fresh
+- ``pipeline``: ``ForecastDataset[i]`` (one read per sample through ``ShardFiles``,
+  normalised tensors);
+- ``zarr_limit``: the same steps read by zarr with nothing else (``array[lo:hi]``, a fresh
   array each: the limit for any loader built on plain reads of each sample);
 - ``zarr_limit_runs``: plain reads of what the batch loaders read, one read per run of
   consecutive samples in a batch (``ForecastDataset.read_run_into``): the limit for a
   loader that reads each run's steps once;
-- ``zarr_reused_buffer``: the same reads into one reused array (``out=``), what the
-  dataset does since it stopped allocating per read;
+- ``zarr_reused_buffer``: the same zarr reads into one reused array (``out=``);
 - ``xarray_per_sample``: ``ds["data"].isel(time=...).values`` on ``xarray.open_zarr``,
   the way users often start (dask on the hot path).
 Then, at the same parallelism N: the BatchLoader with N reader threads, and with N

@@ -206,25 +206,18 @@ def test_assembly_from_raw_steps_handles_lead_gaps_and_channel_lists(tiny_store:
                     assert torch.equal(batch[key][row], alone[key]), (int(i), key)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("readers", ["threads", "processes"])
-def test_batches_assembled_on_the_gpu_equal_the_dataloader_batches(tiny_store: Path,
-                                                                   readers: str) -> None:
-    """The device path on CUDA: copies on a side stream, buffers refilled while earlier
-    copies may still be queued behind a second of GPU work, batches on the GPU."""
-    cuda = torch.device("cuda")
+def gpu_case(tiny_store: Path) -> tuple[ForecastDataset, BlockShuffleSampler, list[dict]]:
+    """A dataset, a sampler and the DataLoader's batches for the CUDA tests, then about a
+    second of GPU work queued ahead of everything that follows: copies run long after
+    the loop has asked for the next batches, so a buffer refilled too early would show."""
     ds = ForecastDataset(StoreInfo(tiny_store), "train", history=2, lead=1, rollout=2)
     sampler = BlockShuffleSampler(len(ds), 4, seed=2)
     expected = list(DataLoader(ds, batch_size=4, sampler=sampler, drop_last=True))
-    got = []
     torch.cuda._sleep(2_000_000_000)
-    with BatchLoader(ds, sampler, 4, workers=2, prefetch=2, device=cuda,
-                     readers=readers) as loader:
-        assert loader.on_device
-        for batch in loader:
-            assert all(t.device.type == "cuda" for t in batch.values())
-            got.append({k: v.clone() for k, v in batch.items()})
+    return ds, sampler, expected
+
+
+def assert_same_batches(expected: list[dict], got: list[dict]) -> None:
     torch.cuda.synchronize()
     assert len(got) == len(expected)
     for want, batch in zip(expected, got, strict=True):
@@ -235,24 +228,34 @@ def test_batches_assembled_on_the_gpu_equal_the_dataloader_batches(tiny_store: P
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("readers", ["threads", "processes"])
+def test_batches_assembled_on_the_gpu_equal_the_dataloader_batches(tiny_store: Path,
+                                                                   readers: str) -> None:
+    """The device path on CUDA: copies on a side stream, buffers refilled while earlier
+    copies may still be queued behind GPU work, batches on the GPU."""
+    ds, sampler, expected = gpu_case(tiny_store)
+    got = []
+    with BatchLoader(ds, sampler, 4, workers=2, prefetch=2, device=torch.device("cuda"),
+                     readers=readers) as loader:
+        assert loader.on_device
+        for batch in loader:
+            assert all(t.device.type == "cuda" for t in batch.values())
+            got.append({k: v.clone() for k, v in batch.items()})
+    assert_same_batches(expected, got)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("readers", ["threads", "processes"])
 def test_batch_buffers_outlive_the_asynchronous_copy(tiny_store: Path, readers: str) -> None:
     cuda = torch.device("cuda")
-    ds = ForecastDataset(StoreInfo(tiny_store), "train", history=2, lead=1, rollout=2)
-    sampler = BlockShuffleSampler(len(ds), 4, seed=2)
-    expected = list(DataLoader(ds, batch_size=4, sampler=sampler, drop_last=True))
+    ds, sampler, expected = gpu_case(tiny_store)
     copies = []
-    # about a second of GPU work ahead of every copy: the copies run long after the loop
-    # has asked for the next batches, so a buffer refilled too early would be copied
-    torch.cuda._sleep(2_000_000_000)
     with BatchLoader(ds, sampler, 4, workers=2, prefetch=2, device=cuda, on_device=False,
                      readers=readers) as loader:
         for batch in loader:
             assert all(t.is_pinned() for t in batch.values())
             copies.append({k: v.to(cuda, non_blocking=True) for k, v in batch.items()})
-    torch.cuda.synchronize()
-    for want, got in zip(expected, copies, strict=True):
-        for key in want:
-            assert torch.equal(got[key].cpu(), want[key]), key
+    assert_same_batches(expected, copies)
 
 
 @pytest.mark.parametrize("readers", ["threads", "processes"])

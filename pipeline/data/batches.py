@@ -4,10 +4,7 @@ DataLoader (see ``BatchLoader``)."""
 
 from __future__ import annotations
 
-import asyncio
 import multiprocessing as mp
-import os
-import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
@@ -36,9 +33,10 @@ class BatchLoader:
     as ``DataLoader(dataset, batch_size, sampler=sampler, drop_last=True)``, bitwise.
 
     Readers (``readers``):
-    - ``threads`` in this process. Zarr's decompression and numpy release the GIL, but
-      each read also runs Python (zarr's async pipeline) that waits for the GIL; beside
-      a training thread busy launching kernels, that wait is what bounds them.
+    - ``threads`` in this process. Decompression and numpy release the GIL, but each
+      read also runs Python between those calls, which must take the GIL back; beside
+      a training thread busy launching kernels, that wait bounded them (zarr's reads,
+      H100: docs/benchmarks.md).
     - ``processes``: spawned reader processes, each with its own GIL, writing into the
       buffers in shared memory (registered with CUDA as pinned memory on a GPU).
 
@@ -85,10 +83,6 @@ class BatchLoader:
         self._arrays = [{k: v.numpy() for k, v in b.items()} for b in self._tensors]
         # per slot: the CUDA event to wait for before refilling it (None: free to write)
         self._ready: list[torch.cuda.Event | None] = [None] * slots
-        self._local = threading.local()
-        self._loops: list[asyncio.AbstractEventLoop] = []
-        self._lock = threading.Lock()
-        self._io: ThreadPoolExecutor | None = None
         self._pool = self._start_readers(workers)
         self._epoch: _EpochIterator | None = None
         self._closed = False
@@ -127,11 +121,6 @@ class BatchLoader:
             return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
                                        initializer=_start_reader_process,
                                        initargs=(self.dataset, self._tensors))
-        # each reader thread runs its zarr reads on its own event loop (see
-        # ForecastDataset._read_steps_into); the loops share one pool for file reads and
-        # decompression, sized like asyncio's default
-        io_threads = max(workers, min(32, (os.cpu_count() or 1) + 4))
-        self._io = ThreadPoolExecutor(io_threads, thread_name_prefix=f"{THREAD_PREFIX}-io")
         return ThreadPoolExecutor(workers, thread_name_prefix=THREAD_PREFIX)
 
     def __len__(self) -> int:
@@ -170,7 +159,7 @@ class BatchLoader:
                         indices: list[int], ready: torch.cuda.Event | None) -> None:
         if ready is not None:
             ready.synchronize()  # the copies out of this buffer have finished
-        read_task(self.dataset, self._arrays[slot], rows, first_row, indices, self._thread_loop())
+        read_task(self.dataset, self._arrays[slot], rows, first_row, indices)
 
     def _release(self, slot: int) -> torch.cuda.Event | None:
         """Host path: the consumer is done with ``slot``; on CUDA, mark the copies queued
@@ -211,30 +200,12 @@ class BatchLoader:
         batch["index"] = staged["index"]
         return batch
 
-    def _thread_loop(self) -> asyncio.AbstractEventLoop | None:
-        """This reader thread's event loop; None without reader threads (zarr's own loop)."""
-        if self._io is None:
-            return None
-        loop = getattr(self._local, "loop", None)
-        if loop is None:
-            loop = self._local.loop = asyncio.new_event_loop()
-            loop.set_default_executor(self._io)
-            with self._lock:
-                self._loops.append(loop)
-        return loop
-
     def close(self) -> None:
         """End the current iteration and stop the readers (idempotent)."""
         if self._epoch is not None:
             self._epoch.close()
             self._epoch = None
         self._pool.shutdown(wait=True, cancel_futures=True)
-        with self._lock:
-            for loop in self._loops:
-                loop.close()  # no reader runs it any more
-            self._loops.clear()
-        if self._io is not None:
-            self._io.shutdown(wait=True)
         if self._registered:
             torch.cuda.synchronize(self.device)  # no copy may still read a buffer
             for pointer in self._registered:
@@ -250,16 +221,15 @@ class BatchLoader:
 
 
 def read_task(dataset: ForecastDataset, out: dict[str, np.ndarray], rows: slice,
-              first_row: int | None, indices: list[int],
-              loop: asyncio.AbstractEventLoop | None) -> None:
+              first_row: int | None, indices: list[int]) -> None:
     """One reader task: the run of samples ``indices`` into its ``rows`` of a batch
     buffer ``out``. Host path (``first_row`` None): the samples, normalised. Device
     path: the run's raw steps from ``first_row`` on, and where each sample's rows are."""
     if first_row is None:
         out["index"][rows] = dataset.read_run_into(
-            indices, out["inputs"][rows], out["target_forcings"][rows], out["targets"][rows], loop)
+            indices, out["inputs"][rows], out["target_forcings"][rows], out["targets"][rows])
         return
-    out["index"][rows] = dataset.read_raw_run_into(indices, out["steps"][first_row:], loop)
+    out["index"][rows] = dataset.read_raw_run_into(indices, out["steps"][first_row:])
     inputs_at, targets_at = dataset.sample_rows(len(indices))
     out["inputs_at"][rows] = first_row + inputs_at
     out["targets_at"][rows] = first_row + targets_at
@@ -278,7 +248,7 @@ def _read_in_reader_process(slot: int, rows: slice, first_row: int | None,
                             indices: list[int]) -> None:
     assert _reader_process is not None, "not a reader process"
     dataset, arrays = _reader_process
-    read_task(dataset, arrays[slot], rows, first_row, indices, None)
+    read_task(dataset, arrays[slot], rows, first_row, indices)
 
 
 class _InlineExecutor:

@@ -13,7 +13,6 @@ reads batches with reader threads or processes into reused (pinned) batch buffer
 
 from __future__ import annotations
 
-import asyncio
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -27,7 +26,6 @@ import xarray as xr
 import zarr
 from torch.utils.data import Dataset, Sampler
 from zarr.core.buffer import default_buffer_prototype
-from zarr.core.indexing import BasicIndexer
 
 from pipeline.data import store
 from pipeline.data.shards import ShardFiles
@@ -214,8 +212,7 @@ class ForecastDataset(Dataset):
             self._pid = os.getpid()
         return self._array
 
-    def _read_block(self, t: int, loop: asyncio.AbstractEventLoop | None,
-                    extra: int = 0) -> np.ndarray:
+    def _read_block(self, t: int, extra: int = 0) -> np.ndarray:
         """The raw steps ``t - history + 1 .. t + lead * rollout + extra`` in one zarr
         read, into this thread's reused buffer: a fresh 10-20 MB array per read costs
         more in page faults than the normalisation (bench/loader.py)."""
@@ -224,36 +221,19 @@ class ForecastDataset(Dataset):
         if buffer is None or buffer.shape[0] < steps:
             buffer = self._local.block = np.empty((steps, *self._block_shape[1:]), dtype=np.float32)
         block = buffer[:steps]  # contiguous: a view of the first steps
-        self._read_steps_into(t - self.history + 1, block, loop)
+        self._read_steps_into(t - self.history + 1, block)
         return block
 
-    def _read_steps_into(self, first: int, out: np.ndarray,
-                         loop: asyncio.AbstractEventLoop | None) -> None:
-        """The raw steps ``first .. first + len(out) - 1`` into ``out`` (C-contiguous).
-
-        A store in the layout this pipeline writes is read by ``shards.ShardFiles``,
-        which decodes each step straight into ``out``. Any other goes through zarr:
-        without ``loop`` through its sync API, which runs every read of the process on
-        zarr's one event-loop thread; that thread also copies each decoded chunk into the
-        result (twice for sharded arrays) and was 80 % busy with two reader threads on
-        two cores (py-spy). With ``loop`` (an event loop owned by the calling thread) the
-        same read runs on it, so reader threads copy in parallel.
-        """
+    def _read_steps_into(self, first: int, out: np.ndarray) -> None:
+        """The raw steps ``first .. first + len(out) - 1`` into ``out`` (C-contiguous):
+        by ``shards.ShardFiles``, which decodes each step straight into ``out``, for the
+        layout this pipeline writes; through zarr for any other."""
         array = self._data()
-        if self._steps is not None:  # the store's own layout: decoded straight into out
+        if self._steps is not None:
             self._steps.read(first, out)
             return
-        selection = slice(first, first + out.shape[0])
-        prototype = default_buffer_prototype()
-        buffer = prototype.nd_buffer.from_numpy_array(out)
-        if loop is None:
-            array.get_basic_selection(selection, out=buffer)
-        else:
-            async_array = array.async_array
-            indexer = BasicIndexer(selection, async_array.shape, async_array.metadata.chunk_grid)
-            # what Array.get_basic_selection awaits, on this thread's loop
-            loop.run_until_complete(async_array._get_selection(indexer, prototype=prototype,
-                                                               out=buffer))
+        buffer = default_buffer_prototype().nd_buffer.from_numpy_array(out)
+        array.get_basic_selection(slice(first, first + out.shape[0]), out=buffer)
 
     def _run_times(self, indices: Sequence[int]) -> np.ndarray:
         """The time indices of a run's samples; they must be consecutive."""
@@ -274,15 +254,13 @@ class ForecastDataset(Dataset):
         targets = first + self.history - 1 + self.lead * np.arange(1, self.rollout + 1)
         return inputs, targets
 
-    def read_raw_run_into(self, indices: Sequence[int], out: np.ndarray,
-                          loop: asyncio.AbstractEventLoop | None = None) -> np.ndarray:
+    def read_raw_run_into(self, indices: Sequence[int], out: np.ndarray) -> np.ndarray:
         """The raw (not normalised) steps of the run of samples ``indices`` (consecutive
         times) into ``out[:run_steps(len(indices))]``, in one zarr read; return their
         time indices. :meth:`sample_rows` says which rows each sample uses, and
         :meth:`assemble` makes the samples from them (on the training device)."""
         times = self._run_times(indices)
-        self._read_steps_into(int(times[0]) - self.history + 1,
-                              out[: self.run_steps(times.size)], loop)
+        self._read_steps_into(int(times[0]) - self.history + 1, out[: self.run_steps(times.size)])
         return times
 
     def assemble(self, steps: torch.Tensor, inputs_at: torch.Tensor,
@@ -311,17 +289,16 @@ class ForecastDataset(Dataset):
         return self._on_device[device]
 
     def read_run_into(self, indices: Sequence[int], inputs: np.ndarray,
-                      target_forcings: np.ndarray, targets: np.ndarray,
-                      loop: asyncio.AbstractEventLoop | None = None) -> np.ndarray:
+                      target_forcings: np.ndarray, targets: np.ndarray) -> np.ndarray:
         """Write the samples ``indices``, whose times are consecutive (``t, t + 1, ...``),
         normalised into the given arrays (leading axis: one row per sample), and return
         their time indices. Neighbouring samples share all but one step, so the union of
         their steps is read once: a run of n samples reads ``n - 1 + history + lead *
         rollout`` steps instead of n times ``history + lead * rollout`` (the sampler's
         blocks keep runs of ``train.shuffle_block`` samples together). The values are
-        bitwise those of reading each sample alone. ``loop``: see ``_read_steps_into``."""
+        bitwise those of reading each sample alone."""
         times = self._run_times(indices)
-        block = self._read_block(int(times[0]), loop, extra=times.size - 1)
+        block = self._read_block(int(times[0]), extra=times.size - 1)
         if times.size == 1:  # nothing shared: normalise straight into the sample
             self._normalise_into(block, inputs[0], target_forcings[0], targets[0])
             return times

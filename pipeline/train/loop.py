@@ -358,8 +358,8 @@ class Trainer:
         shared-memory batch per step, unpickling, the pin-memory copy in one thread); 8
         reader threads trained at 273-300, their reads waiting for the GIL beside the
         training thread; 8 reader processes at 337. On 2 CPU cores, 2 reader processes
-        read 2.0-2.4x the DataLoader's samples/s (small and large stores) and threads
-        fall behind on small samples (zarr's per-chunk Python holds the GIL).
+        read 3.3-4.2x the DataLoader's samples/s (large and small stores), and two
+        threads no faster than one on small samples (Python per step holds the GIL).
         """
         backend = self.cfg.train.loader
         return "processes" if backend == "auto" else backend
