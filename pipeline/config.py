@@ -218,6 +218,12 @@ class Train(Section):
         "steps to the GPU and normalise and gather the samples there (half the "
         "host-to-device bytes, no CPU copies); false makes the samples in pinned host "
         "buffers instead.")
+    resident: Literal["auto"] | bool = Field(
+        "auto", description="Keep the training split's normalised steps in the training "
+        "device's memory, read once, and make each batch by indexing them (no reads after "
+        "the first pass; the loader settings then only set the threads of that pass). "
+        "auto: on a GPU when the split takes at most half of its free memory, never on "
+        "the CPU (pipeline.data.resident).")
     shuffle_block: int = Field(8, ge=1, description="Time steps per shuffle block.")
     tensorboard: bool = Field(False, description="Also write metrics to <run>/tensorboard/.")
     mlflow_uri: str | None = Field(

@@ -24,6 +24,7 @@ from pipeline.data.loader import (
     consecutive_runs,
     sample_times,
 )
+from pipeline.data.resident import ResidentLoader, ResidentSplit, fits_on, resident_bytes
 from pipeline.errors import ConfigError, StoreError
 from pipeline.train import checkpoint
 from pipeline.train.loop import local_runtime, train_loop
@@ -206,6 +207,46 @@ def test_assembly_from_raw_steps_handles_lead_gaps_and_channel_lists(tiny_store:
                     assert torch.equal(batch[key][row], alone[key]), (int(i), key)
 
 
+@pytest.mark.parametrize(("lead", "rollout", "readers"), [(1, 2, 1), (3, 2, 2), (2, 1, 3)])
+def test_resident_split_yields_the_dataloader_batches_bitwise(tiny_store: Path, lead: int,
+                                                             rollout: int, readers: int) -> None:
+    """The split read once (shard by shard, by 1-3 threads) and normalised in memory, its
+    batches gathered from it: bitwise the DataLoader's, whole epochs and a start
+    mid-epoch, with the steps between lead-3 targets and every shard boundary."""
+    ds = ForecastDataset(StoreInfo(tiny_store), "train", history=2, lead=lead, rollout=rollout)
+    split = ResidentSplit(ds, torch.device("cpu"), readers)
+    first = int(ds.times[0]) - 1
+    assert split.steps.shape[0] == int(ds.times[-1]) + lead * rollout - first + 1
+    assert split.nbytes == resident_bytes(ds)
+    assert not fits_on(torch.device("cpu"), 1)  # auto never keeps a split on the CPU
+    raw = np.empty((split.steps.shape[0], *ds.sample_shapes["inputs"][1:]), dtype=np.float32)
+    ds.read_steps_into(first, raw)
+    assert np.array_equal(split.steps.numpy(), (raw - ds._mean) * ds._inv_std)
+    sampler = BlockShuffleSampler(len(ds), 4, seed=3)
+    loader = ResidentLoader(split, sampler, 4)
+    for epoch, start in [(0, 0), (1, 5)]:
+        sampler.set_epoch(epoch, start)
+        expected = list(DataLoader(ds, batch_size=4, sampler=sampler, drop_last=True))
+        got = list(loader)
+        assert len(got) == len(expected) == len(loader)
+        for want, batch in zip(expected, got, strict=True):
+            assert batch.keys() == want.keys()
+            for key in want:
+                assert batch[key].dtype == want[key].dtype
+                assert torch.equal(batch[key], want[key]), (epoch, key)
+    loader.close()
+    assert split.steps.numel() == 0
+
+
+def test_resident_split_of_a_damaged_store_fails_with_the_shard_named(tiny_store: Path,
+                                                                      tmp_path: Path) -> None:
+    ds = ForecastDataset(StoreInfo(corrupt_shard(tiny_store, tmp_path)), "train", 1, 1)
+    with pytest.raises(StoreError, match="checksum") as err:
+        ResidentSplit(ds, torch.device("cpu"), readers=2)
+    assert "data/c/2/0/0/0" in str(err.value)
+    assert not [t for t in threading.enumerate() if t.name.startswith("pipeline-resident")]
+
+
 def gpu_case(tiny_store: Path) -> tuple[ForecastDataset, BlockShuffleSampler, list[dict]]:
     """A dataset, a sampler and the DataLoader's batches for the CUDA tests, then about a
     second of GPU work queued ahead of everything that follows: copies run long after
@@ -301,14 +342,16 @@ def test_readers_end_on_close(tiny_store: Path, readers: str) -> None:
 def test_plain_loop_trains_bitwise_alike_with_every_loader(tiny_store: Path,
                                                           tmp_path: Path) -> None:
     weights = {}
-    backends = ("threads", "processes", "dataloader")
+    backends = ("threads", "processes", "dataloader", "resident")
     for backend in backends:
         # batch 16: 11 batches per epoch, so 14 steps cross an epoch boundary; the threads
-        # run also stops at step 6 and resumes mid-epoch
-        cfg = config_from_dict(train_config(tiny_store, tmp_path / backend, max_steps=14,
-                                            batch_size=16, val_every=14, checkpoint_every=14,
-                                            loader=backend, loader_workers=2))
-        if backend == "threads":
+        # and resident runs also stop at step 6 and resume mid-epoch
+        resident = backend == "resident"
+        cfg = config_from_dict(train_config(
+            tiny_store, tmp_path / backend, max_steps=14, batch_size=16, val_every=14,
+            checkpoint_every=14, loader="threads" if resident else backend, loader_workers=2,
+            resident=resident))
+        if backend in ("threads", "resident"):
             train_loop(cfg, local_runtime(cfg), stop_at=6)
             assert checkpoint.list_steps(cfg.run_dir() / "checkpoints")[0].name.endswith("06")
         train_loop(cfg, local_runtime(cfg))

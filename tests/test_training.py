@@ -200,7 +200,9 @@ def test_ray_learns_and_resumes_bitwise(workers: int, tiny_store: Path, tmp_path
     assert history[-1]["step"] == 30 and not result.preempted
     assert history[-1]["train_loss"] < 0.8 * history[0]["train_loss"]
     assert history[-1]["val_loss"] < history[-1]["val_loss_persistence"]
-    parts = config(tiny_store, tmp_path / "parts", max_steps=30, workers=workers, batch_size=4)
+    # the stopped and resumed run keeps its split in memory: the same weights again
+    parts = config(tiny_store, tmp_path / "parts", max_steps=30, workers=workers, batch_size=4,
+                   resident=True)
     train(parts, stop_at=13)
     assert checkpoint.list_steps(parts.run_dir() / "checkpoints")[0].name == "step-00000013"
     train(parts)

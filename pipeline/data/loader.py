@@ -188,7 +188,7 @@ class ForecastDataset(Dataset):
         }
         self._block_shape = (history + lead * rollout, len(self.layout.channels), *grid)
         self._array: zarr.Array | None = None
-        self._steps: ShardFiles | None = None  # None: zarr reads (see _read_steps_into)
+        self._steps: ShardFiles | None = None  # None: zarr reads (see read_steps_into)
         self._pid = -1
         self._local = threading.local()
         self._on_device: dict[torch.device, tuple[Any, ...]] = {}  # see _device_constants
@@ -221,10 +221,16 @@ class ForecastDataset(Dataset):
         if buffer is None or buffer.shape[0] < steps:
             buffer = self._local.block = np.empty((steps, *self._block_shape[1:]), dtype=np.float32)
         block = buffer[:steps]  # contiguous: a view of the first steps
-        self._read_steps_into(t - self.history + 1, block)
+        self.read_steps_into(t - self.history + 1, block)
         return block
 
-    def _read_steps_into(self, first: int, out: np.ndarray) -> None:
+    @property
+    def steps_per_shard(self) -> int:
+        """Time steps per shard file of the store (the unit a read decodes whole)."""
+        array = self._data()
+        return int((getattr(array, "shards", None) or array.chunks)[0])
+
+    def read_steps_into(self, first: int, out: np.ndarray) -> None:
         """The raw steps ``first .. first + len(out) - 1`` into ``out`` (C-contiguous):
         by ``shards.ShardFiles``, which decodes each step straight into ``out``, for the
         layout this pipeline writes; through zarr for any other."""
@@ -260,7 +266,7 @@ class ForecastDataset(Dataset):
         time indices. :meth:`sample_rows` says which rows each sample uses, and
         :meth:`assemble` makes the samples from them (on the training device)."""
         times = self._run_times(indices)
-        self._read_steps_into(int(times[0]) - self.history + 1, out[: self.run_steps(times.size)])
+        self.read_steps_into(int(times[0]) - self.history + 1, out[: self.run_steps(times.size)])
         return times
 
     def assemble(self, steps: torch.Tensor, inputs_at: torch.Tensor,
@@ -269,8 +275,20 @@ class ForecastDataset(Dataset):
         lon) is normalised in place, then each sample's rows are gathered (``inputs_at``:
         (batch, history) row indices, ``targets_at``: (batch, rollout), on the same
         device). The same float32 operations as the numpy path: bitwise its values."""
-        mean, inv_std, forcings, outputs = self._device_constants(steps.device)
+        self.normalise_(steps)
+        return self.gather(steps, inputs_at, targets_at)
+
+    def normalise_(self, steps: torch.Tensor) -> None:
+        """Normalise raw steps (rows, channel, lat, lon) in place, on their device: the
+        numpy path's float32 operations, so bitwise its values."""
+        mean, inv_std, _, _ = self._device_constants(steps.device)
         steps.sub_(mean).mul_(inv_std)
+
+    def gather(self, steps: torch.Tensor, inputs_at: torch.Tensor,
+               targets_at: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Samples from normalised steps: each sample's rows of ``steps`` (``inputs_at``:
+        (batch, history) row indices, ``targets_at``: (batch, rollout), on its device)."""
+        _, _, forcings, outputs = self._device_constants(steps.device)
         batch, grid = inputs_at.shape[0], steps.shape[1:]
         inputs = steps.index_select(0, inputs_at.reshape(-1)).view(batch, self.history, *grid)
         rows = steps.index_select(0, targets_at.reshape(-1)).view(batch, self.rollout, *grid)

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 from pipeline.config import Config, config_hash, resolved_dict
 from pipeline.data.batches import BatchLoader
 from pipeline.data.loader import BlockShuffleSampler, ForecastDataset, StoreInfo
+from pipeline.data.resident import ResidentLoader, ResidentSplit, fits_on, resident_bytes
 from pipeline.errors import CheckpointError
 from pipeline.train import checkpoint
 from pipeline.train.models import area_weighted_mse, build_model
@@ -364,9 +365,23 @@ class Trainer:
         backend = self.cfg.train.loader
         return "processes" if backend == "auto" else backend
 
-    def loader(self) -> DataLoader | BatchLoader:
+    def keeps_resident(self) -> bool:
+        """Whether the training split is kept in the device's memory (train.resident)."""
+        setting = self.cfg.train.resident
+        if setting == "auto":
+            return fits_on(self.rt.device, resident_bytes(self.train_set))
+        return bool(setting)
+
+    def loader(self) -> DataLoader | BatchLoader | ResidentLoader:
         t = self.cfg.train
         workers, backend = t.loader_workers, self.loader_backend()
+        if self.keeps_resident():
+            split = ResidentSplit(self.train_set, self.rt.device, workers)
+            if self.rt.rank == 0:
+                log.info("training split kept in %s memory: %d steps, %.2f GiB, read in %.1f s",
+                         self.rt.device, split.steps.shape[0], split.nbytes / 2**30,
+                         split.load_seconds)
+            return ResidentLoader(split, self.sampler, t.batch_size)
         if backend in ("threads", "processes"):
             on_device = t.assemble_on_device and self.rt.device.type == "cuda"
             return BatchLoader(self.train_set, self.sampler, t.batch_size, workers,
@@ -383,10 +398,10 @@ class Trainer:
         try:
             return self._run(loader)
         finally:
-            if isinstance(loader, BatchLoader):
-                loader.close()  # stops the readers, also on an exception
+            if isinstance(loader, BatchLoader | ResidentLoader):
+                loader.close()  # stops the readers or frees the split, also on an exception
 
-    def _run(self, loader: DataLoader | BatchLoader) -> dict[str, Any]:
+    def _run(self, loader: DataLoader | BatchLoader | ResidentLoader) -> dict[str, Any]:
         t, p = self.cfg.train, self.progress
         last: dict[str, Any] = {}
         window = {"wait": 0.0, "total": 0.0, "samples": 0, "loss": 0.0, "steps": 0}

@@ -1,0 +1,161 @@
+"""The training split kept whole in the training device's memory, batches made from it
+by indexing: the loader for stores whose split fits (``train.resident``).
+
+Every epoch reads and decompresses the same steps again through the streaming loaders
+(``pipeline.data.batches``), and on a GPU that bounds training: the readers deliver
+fewer samples per second than the GPU consumes (docs/benchmarks.md). A 1.5-degree
+store with 61 channels is 7 MB per step, so a few years of training steps take a few GB,
+a small share of a GPU's memory. ``ResidentSplit`` reads the steps that the split's
+samples use once, normalises them on the device, and keeps them there; a batch is then
+two gathers on the device, with no host work but the index arithmetic. The batches are
+bitwise those of the other loaders (the same float32 normalisation, tested).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+from pipeline.data.loader import ForecastDataset
+from pipeline.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# ``train.resident: auto`` keeps a split on a GPU when it takes at most this share of the
+# GPU's free memory: the rest is for the model, its activations and the optimiser
+GPU_SHARE = 0.5
+
+
+def resident_bytes(dataset: ForecastDataset) -> int:
+    """Bytes that :class:`ResidentSplit` holds for ``dataset``: every step its samples use."""
+    first, last = _step_range(dataset)
+    return (last - first + 1) * int(np.prod(dataset.sample_shapes["inputs"][1:])) * 4
+
+
+def fits_on(device: torch.device, nbytes: int) -> bool:
+    """Whether ``train.resident: auto`` keeps ``nbytes`` on ``device``: on a GPU when they
+    take at most ``GPU_SHARE`` of its free memory. Never on the CPU: there the split would
+    be copied into every rank's process on the node, the page cache already holds the
+    store, and the reader processes overlap their reads with the step."""
+    if device.type != "cuda":
+        return False
+    free, _total = torch.cuda.mem_get_info(device)
+    return nbytes <= GPU_SHARE * free
+
+
+def _step_range(dataset: ForecastDataset) -> tuple[int, int]:
+    """First and last time index of the steps the split's samples use."""
+    return (int(dataset.times[0]) - dataset.history + 1,
+            int(dataset.times[-1]) + dataset.lead * dataset.rollout)
+
+
+class ResidentSplit:
+    """The normalised steps of a split on ``device``, and batches gathered from them.
+
+    The steps are read a shard at a time by ``readers`` threads (decompression releases
+    the GIL) with at most ``2 * readers`` shards in host memory at once, copied to the
+    device and normalised there.
+    """
+
+    def __init__(self, dataset: ForecastDataset, device: torch.device, readers: int = 1):
+        self.dataset, self.device = dataset, device
+        self.first, last = _step_range(dataset)
+        shape = (last - self.first + 1, *dataset.sample_shapes["inputs"][1:])
+        try:
+            self.steps = torch.empty(shape, dtype=torch.float32, device=device)
+        except torch.OutOfMemoryError:
+            raise ConfigError(f"the training split ({resident_bytes(dataset) / 2**30:.1f} GiB) "
+                              f"does not fit in the memory of {device}",
+                              "set train.resident: false to stream it") from None
+        started = time.perf_counter()
+        self._load(max(1, readers))
+        self.load_seconds = time.perf_counter() - started
+        self._history = torch.arange(dataset.history, device=device) - (dataset.history - 1)
+        self._leads = dataset.lead * torch.arange(1, dataset.rollout + 1, device=device)
+        self._rows = torch.from_numpy(dataset.times - self.first).to(device)
+
+    @property
+    def nbytes(self) -> int:
+        return self.steps.numel() * self.steps.element_size()
+
+    def _load(self, readers: int) -> None:
+        """Read the steps shard by shard, in order, ``readers`` reads at once."""
+        ds, n = self.dataset, self.steps.shape[0]
+        per_shard = ds.steps_per_shard  # also opens the store here, for the readers to share
+        bounds, t = [], self.first
+        while t < self.first + n:  # spans aligned with the shard files
+            end = min(self.first + n, (t // per_shard + 1) * per_shard)
+            bounds.append((t, end))
+            t = end
+        on_host = self.device.type == "cpu"
+        host = self.steps.numpy() if on_host else None
+
+        def read(span: tuple[int, int]) -> np.ndarray:
+            lo, hi = span
+            out = host[lo - self.first:hi - self.first] if host is not None else \
+                np.empty((hi - lo, *self.steps.shape[1:]), dtype=np.float32)
+            ds.read_steps_into(lo, out)
+            return out
+
+        with ThreadPoolExecutor(readers, thread_name_prefix="pipeline-resident") as pool:
+            queued: deque[tuple[tuple[int, int], Future[np.ndarray]]] = deque()
+            for span in bounds:
+                queued.append((span, pool.submit(read, span)))
+                if len(queued) >= 2 * readers:
+                    self._place(*self._next(queued), on_host)
+            while queued:
+                self._place(*self._next(queued), on_host)
+
+    @staticmethod
+    def _next(queued: deque[tuple[tuple[int, int], Future[np.ndarray]]]
+              ) -> tuple[tuple[int, int], np.ndarray]:
+        span, future = queued.popleft()
+        return span, future.result()
+
+    def _place(self, span: tuple[int, int], values: np.ndarray, on_host: bool) -> None:
+        """Put a span's raw steps in place (on the CPU they were read there) and
+        normalise them."""
+        rows = self.steps[span[0] - self.first:span[1] - self.first]
+        if not on_host:
+            rows.copy_(torch.from_numpy(values))
+        self.dataset.normalise_(rows)
+
+    def batch(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The samples ``indices`` (positions in the dataset, on the device) and their time
+        indices (``index``), as the other loaders give them."""
+        rows = self._rows.index_select(0, indices)
+        inputs_at = rows[:, None] + self._history
+        targets_at = rows[:, None] + self._leads
+        batch = self.dataset.gather(self.steps, inputs_at, targets_at)
+        batch["index"] = rows + self.first
+        return batch
+
+
+class ResidentLoader:
+    """Batches of a :class:`ResidentSplit` in the sampler's order (the other loaders'
+    batches, bitwise): an iterable with ``len`` like ``BatchLoader``."""
+
+    def __init__(self, split: ResidentSplit, sampler: Sampler[int], batch_size: int):
+        self.split, self.sampler, self.batch_size = split, sampler, batch_size
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        order = np.fromiter(iter(self.sampler), dtype=np.int64)
+        n = order.size // self.batch_size  # drop_last, like the other loaders
+        batches = torch.from_numpy(order[: n * self.batch_size].reshape(n, self.batch_size))
+        batches = batches.to(self.split.device)
+        for batch in batches:
+            yield self.split.batch(batch)
+
+    def close(self) -> None:
+        """Free the device memory the split holds."""
+        self.split.steps = torch.empty(0)
