@@ -17,7 +17,9 @@ reader processes, and the DataLoader with N worker processes (all read runs, bat
 8), each against N processes doing plain zarr reads, per sample and per run (for N = 1,
 the one-process limits above). On a machine with a GPU, also the BatchLoader delivering
 batches to the GPU: samples made on the host then copied, or assembled on the GPU from
-the raw steps (``train.assemble_on_device``, the default there). The machine is shared:
+the raw steps (``train.assemble_on_device``, the default there). Last, the split kept
+in memory (``train.resident``; on the GPU when there is one): its one-off read, then the
+batches gathered from it. The machine is shared:
 every measure runs once per round (``--rounds``), rounds interleave them, and the best
 round counts.
 
@@ -50,6 +52,7 @@ from pipeline.data.loader import (
     StoreInfo,
     consecutive_runs,
 )
+from pipeline.data.resident import ResidentLoader, ResidentSplit
 
 
 def rate(fn, indices: list[int], min_seconds: float = 2.0) -> float:
@@ -161,6 +164,30 @@ def gpu_batch_loader_rate(dataset: ForecastDataset, sampler: BlockShuffleSampler
         return epochs_rate(OnGpu(loader))
 
 
+class Synchronised:
+    """A loader whose epoch ends once the GPU has made all its batches."""
+
+    def __init__(self, loader: ResidentLoader):
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        yield from self.loader
+        torch.cuda.synchronize()
+
+
+def resident_measure(dataset: ForecastDataset, sampler: BlockShuffleSampler, readers: int,
+                     batch: int) -> tuple[dict[str, float], Callable[[], float]]:
+    """The split read into memory (on the GPU when there is one) with ``readers`` threads:
+    what the read took, and the measure of the batches gathered from it."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    split = ResidentSplit(dataset, device, readers)
+    loader = ResidentLoader(split, sampler, batch)
+    facts = {"device": device.type, "read_seconds": round(split.load_seconds, 2),
+             "gib": round(split.nbytes / 2**30, 2), "steps": int(split.steps.shape[0]),
+             "readers": readers}
+    return facts, lambda: epochs_rate(Synchronised(loader) if device.type == "cuda" else loader)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "pipeline-bench"))
@@ -220,6 +247,7 @@ def main() -> int:
                 for where in ("host", "assembled"):
                     measures[f"{kind}_{n}_gpu_{where}"] = partial(
                         gpu_batch_loader_rate, dataset, sampler, kind, n, 8, where == "assembled")
+    resident, measures["resident"] = resident_measure(dataset, sampler, max(counts), 8)
     # the machine is shared: every measure runs once per round, rounds interleave them,
     # and the best round counts
     best: dict[str, float] = {}
@@ -258,6 +286,8 @@ def main() -> int:
                                                     "zarr_limit": round(limit_parallel, 1),
                                                     "zarr_limit_runs": round(limit_parallel_runs, 1)},
         "batch_loader_samples_per_s": batch_loader,
+        "resident": {**resident, "samples_per_s": round(best["resident"], 1),
+                     "ratio_over_xarray": round(best["resident"] / naive, 1)},
         "ratio_pipeline_over_zarr_limit": round(ours / limit, 2),
         "ratio_pipeline_over_zarr_limit_parallel": round(ours_parallel / limit_parallel, 2),
         "ratio_pipeline_over_zarr_limit_runs_parallel": round(ours_parallel / limit_parallel_runs, 2),

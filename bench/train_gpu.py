@@ -5,7 +5,9 @@ samples/s, the data-wait fraction and the device, once for each loader backend
 (``threads``, ``processes``: the BatchLoader's readers; ``dataloader``: torch's), each
 loader-worker count given and, for the BatchLoader on a GPU, each ``--assembly`` (``device``:
 samples normalised and gathered on the GPU from each batch's raw steps, the default;
-``host``: made in pinned host buffers). The goal on a GPU is a data-wait fraction under 5 %.
+``host``: made in pinned host buffers). ``--resident`` adds a run with the training split
+kept in the device's memory (``train.resident: true``; its readers only make the first
+read). The goal on a GPU is a data-wait fraction under 5 %.
 It runs on CPU too (fp32), e.g. with ``--steps 8 --loader-workers 2``.
 
     python -m bench.train_gpu --steps 200 --batch-size 16 --loader threads,processes \
@@ -31,17 +33,19 @@ from pipeline.train.loop import local_runtime, train_loop
 
 
 def run_one(config: Path, args: argparse.Namespace, loader: str, loader_workers: int,
-            assembly: str, gpu: bool) -> dict[str, Any]:
+            assembly: str, gpu: bool, resident: bool = False) -> dict[str, Any]:
     """Train ``args.steps`` steps with ``loader_workers`` readers of ``loader``, the
-    BatchLoader's samples assembled on the device or on the host (``assembly``); summarise."""
+    BatchLoader's samples assembled on the device or on the host (``assembly``), or from
+    the split kept in memory (``resident``); summarise."""
     every = max(1, args.steps // 4)
-    name = (f"train-{'gpu' if gpu else 'cpu'}-{args.arch}-{loader}{loader_workers}-{assembly}"
-            f"-b{args.batch_size}")
+    kind = "resident" if resident else f"{loader}{loader_workers}-{assembly}"
+    name = f"train-{'gpu' if gpu else 'cpu'}-{args.arch}-{kind}-b{args.batch_size}"
     cfg = load_config(config, [
         f"name={name}", f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}",
         f"train.loader={loader}", f"train.loader_workers={loader_workers}",
         "train.prefetch_factor=4", f"train.assemble_on_device={str(assembly == 'device').lower()}",
         f"train.use_gpu={str(gpu).lower()}", "train.precision=auto",
+        f"train.resident={str(resident).lower()}",
         f"train.val_every={args.steps}", f"train.checkpoint_every={every}",
         f"model.arch={args.arch}", f"model.width={args.width}", "train.warmup_steps=5"])
     shutil.rmtree(cfg.run_dir(), ignore_errors=True)  # a fresh run, not a resume of the last
@@ -51,7 +55,7 @@ def run_one(config: Path, args: argparse.Namespace, loader: str, loader_workers:
     rows = [json.loads(line) for line in (cfg.run_dir() / "metrics.jsonl").read_text().splitlines()]
     steady = rows[1:] or rows  # the first window holds start-up (workers, cuDNN autotune)
     return {
-        "loader": loader,
+        "loader": "resident" if resident else loader,
         "loader_workers": loader_workers,
         "assembly": assembly,
         "samples_per_s": round(sum(r["samples_per_s"] for r in steady) / len(steady), 2),
@@ -68,12 +72,15 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--loader", default="threads,processes,dataloader",
                         help="comma-separated train.loader backends (threads, processes, "
-                        "dataloader), one run each")
+                        "dataloader), one run each; empty: none (with --resident)")
     parser.add_argument("--loader-workers", default="4",
                         help="comma-separated reader thread / worker process counts, one run each")
     parser.add_argument("--assembly", default="device",
                         help="comma-separated: where the threaded loader makes the samples on a "
                         "GPU (device: from the raw steps, there; host: in pinned buffers)")
+    parser.add_argument("--resident", action="store_true",
+                        help="first, a run with the split kept in the device's memory "
+                        "(train.resident: true, read by the first --loader-workers threads)")
     parser.add_argument("--build-workers", type=int, default=min(8, os.cpu_count() or 2),
                         help="Dask processes that build the store when it is missing")
     parser.add_argument("--arch", default="unet")
@@ -85,10 +92,13 @@ def main() -> int:
     config = ensure_store(Path(args.workdir), months=1, workers=args.build_workers)
     build_s = time.perf_counter() - started
     gpu = torch.cuda.is_available()
-    runs = [run_one(config, args, backend, int(n), assembly, gpu)
-            for backend in args.loader.split(",") for n in args.loader_workers.split(",")
-            for assembly in (args.assembly.split(",") if backend != "dataloader" and gpu
-                             else ["host"])]
+    first_workers = int(args.loader_workers.split(",")[0])
+    runs = [run_one(config, args, "threads", first_workers, "device", gpu, resident=True)
+            ] if args.resident else []
+    runs += [run_one(config, args, backend, int(n), assembly, gpu)
+             for backend in filter(None, args.loader.split(",")) for n in args.loader_workers.split(",")
+             for assembly in (args.assembly.split(",") if backend != "dataloader" and gpu
+                              else ["host"])]
     write_result(args.out, {
         "benchmark": "train_gpu",
         "machine": machine(),

@@ -227,7 +227,7 @@ def test_resident_split_yields_the_dataloader_batches_bitwise(tiny_store: Path, 
     for epoch, start in [(0, 0), (1, 5)]:
         sampler.set_epoch(epoch, start)
         expected = list(DataLoader(ds, batch_size=4, sampler=sampler, drop_last=True))
-        got = list(loader)
+        got = [{k: v.clone() for k, v in batch.items()} for batch in loader]  # buffers reused
         assert len(got) == len(expected) == len(loader)
         for want, batch in zip(expected, got, strict=True):
             assert batch.keys() == want.keys()
@@ -297,6 +297,21 @@ def test_batch_buffers_outlive_the_asynchronous_copy(tiny_store: Path, readers: 
             assert all(t.is_pinned() for t in batch.values())
             copies.append({k: v.to(cuda, non_blocking=True) for k, v in batch.items()})
     assert_same_batches(expected, copies)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_resident_split_on_the_gpu_yields_the_dataloader_batches(tiny_store: Path) -> None:
+    """Normalised on the GPU, batches gathered there: bitwise the DataLoader's; and
+    ``auto`` keeps so small a split there."""
+    ds, sampler, expected = gpu_case(tiny_store)
+    cuda = torch.device("cuda")
+    assert fits_on(cuda, resident_bytes(ds))
+    got = []
+    for batch in ResidentLoader(ResidentSplit(ds, cuda, readers=2), sampler, 4):
+        assert all(t.device.type == "cuda" for t in batch.values())
+        got.append({k: v.clone() for k, v in batch.items()})
+    assert_same_batches(expected, got)
 
 
 @pytest.mark.parametrize("readers", ["threads", "processes"])

@@ -141,13 +141,6 @@ def consecutive_runs(times: np.ndarray, longest: int) -> list[slice]:
     return runs
 
 
-def _channels_of(rows: torch.Tensor, channels: slice | torch.Tensor) -> torch.Tensor:
-    """The given channels (axis 2) of ``rows``, as a contiguous tensor of their own."""
-    if isinstance(channels, slice):
-        return rows[:, :, channels].contiguous()
-    return rows.index_select(2, channels)
-
-
 def _channel_selector(channels: tuple[int, ...]) -> slice | np.ndarray:
     """A slice when the channels are consecutive (a view, no copy), else an index array."""
     if channels and channels == tuple(range(channels[0], channels[-1] + 1)):
@@ -284,17 +277,29 @@ class ForecastDataset(Dataset):
         mean, inv_std, _, _ = self._device_constants(steps.device)
         steps.sub_(mean).mul_(inv_std)
 
-    def gather(self, steps: torch.Tensor, inputs_at: torch.Tensor,
-               targets_at: torch.Tensor) -> dict[str, torch.Tensor]:
+    def gather(self, steps: torch.Tensor, inputs_at: torch.Tensor, targets_at: torch.Tensor,
+               out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Samples from normalised steps: each sample's rows of ``steps`` (``inputs_at``:
-        (batch, history) row indices, ``targets_at``: (batch, rollout), on its device)."""
+        (batch, history) row indices, ``targets_at``: (batch, rollout), on its device),
+        written into ``out`` (reused buffers shaped ``(batch, *sample_shapes[k])``) or
+        into fresh tensors. Target channels are picked before the rows are gathered,
+        so each value is copied once. (A fresh 100 MB tensor on the CPU costs several
+        times its copy in page faults: reuse buffers there.)"""
         _, _, forcings, outputs = self._device_constants(steps.device)
-        batch, grid = inputs_at.shape[0], steps.shape[1:]
-        inputs = steps.index_select(0, inputs_at.reshape(-1)).view(batch, self.history, *grid)
-        rows = steps.index_select(0, targets_at.reshape(-1)).view(batch, self.rollout, *grid)
-        return {"inputs": inputs,
-                "target_forcings": _channels_of(rows, forcings),
-                "targets": _channels_of(rows, outputs)}
+        batch = inputs_at.shape[0]
+        if out is None:
+            out = {k: torch.empty((batch, *shape), dtype=steps.dtype, device=steps.device)
+                   for k, shape in self.sample_shapes.items()}
+        torch.index_select(steps, 0, inputs_at.reshape(-1),
+                           out=out["inputs"].view(-1, *steps.shape[1:]))
+        rows = targets_at.reshape(-1)
+        for key, channels in (("target_forcings", forcings), ("targets", outputs)):
+            into = out[key].view(-1, *out[key].shape[2:])
+            if isinstance(channels, slice):
+                torch.index_select(steps[:, channels], 0, rows, out=into)
+            else:
+                torch.index_select(steps.index_select(0, rows), 1, channels, out=into)
+        return out
 
     def _device_constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor,
                                                                slice | torch.Tensor,

@@ -80,6 +80,11 @@ class ResidentSplit:
         self._history = torch.arange(dataset.history, device=device) - (dataset.history - 1)
         self._leads = dataset.lead * torch.arange(1, dataset.rollout + 1, device=device)
         self._rows = torch.from_numpy(dataset.times - self.first).to(device)
+        self._out: dict[str, torch.Tensor] = {}  # the batch buffers, reused (see batch)
+
+    def release(self) -> None:
+        """Free the memory the steps and the batch buffers hold."""
+        self.steps, self._out = torch.empty(0), {}
 
     @property
     def nbytes(self) -> int:
@@ -129,18 +134,25 @@ class ResidentSplit:
 
     def batch(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
         """The samples ``indices`` (positions in the dataset, on the device) and their time
-        indices (``index``), as the other loaders give them."""
+        indices (``index``), as the other loaders give them, in buffers that the next
+        batch reuses: like the batch loader's, a batch is valid until the next is made
+        (on a GPU the next gather is queued behind the step that reads this one). Fresh
+        100 MB tensors on the CPU cost several times their copy in page faults."""
         rows = self._rows.index_select(0, indices)
         inputs_at = rows[:, None] + self._history
         targets_at = rows[:, None] + self._leads
-        batch = self.dataset.gather(self.steps, inputs_at, targets_at)
+        if not self._out or self._out["inputs"].shape[0] != indices.shape[0]:
+            self._out = {k: torch.empty((indices.shape[0], *shape), device=self.device)
+                         for k, shape in self.dataset.sample_shapes.items()}
+        batch = self.dataset.gather(self.steps, inputs_at, targets_at, out=dict(self._out))
         batch["index"] = rows + self.first
         return batch
 
 
 class ResidentLoader:
     """Batches of a :class:`ResidentSplit` in the sampler's order (the other loaders'
-    batches, bitwise): an iterable with ``len`` like ``BatchLoader``."""
+    batches, bitwise), each valid until the next is asked for: an iterable with ``len``
+    like ``BatchLoader``."""
 
     def __init__(self, split: ResidentSplit, sampler: Sampler[int], batch_size: int):
         self.split, self.sampler, self.batch_size = split, sampler, batch_size
@@ -158,4 +170,4 @@ class ResidentLoader:
 
     def close(self) -> None:
         """Free the device memory the split holds."""
-        self.split.steps = torch.empty(0)
+        self.split.release()
