@@ -197,6 +197,9 @@ class Train(Section):
     use_gpu: bool = False
     cpus_per_worker: int = Field(1, ge=1)
     val_every: int = Field(50, ge=1, description="Validate (and checkpoint) every N steps.")
+    val_batch_size: int | None = Field(
+        None, ge=1, description="Samples per validation batch on each worker (default: "
+        "batch_size); 1 can be faster for large grids on a CPU.")
     checkpoint_every: int = Field(50, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
     max_failures: int = Field(2, ge=0)
@@ -219,10 +222,10 @@ class Train(Section):
         "host-to-device bytes, no CPU copies); false makes the samples in pinned host "
         "buffers instead.")
     resident: Literal["auto"] | bool = Field(
-        "auto", description="Keep the training split's normalised steps in the training "
-        "device's memory, read once, and make each batch by indexing them (no reads after "
-        "the first pass; the loader settings then only set the threads of that pass). "
-        "auto: on a GPU when the split takes at most half of its free memory, never on "
+        "auto", description="Keep the train and val splits' normalised steps in the "
+        "training device's memory, read once, and make each batch by indexing them (no "
+        "reads after the first pass; the loader settings then only set the threads of that "
+        "pass). auto: on a GPU when they take at most half of its free memory, never on "
         "the CPU (pipeline.data.resident).")
     shuffle_block: int = Field(8, ge=1, description="Time steps per shuffle block.")
     tensorboard: bool = Field(False, description="Also write metrics to <run>/tensorboard/.")

@@ -20,9 +20,17 @@ import torch
 import zarr
 
 from pipeline.config import config_from_dict
+from pipeline.data.resident import ResidentSplit
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.train import checkpoint
-from pipeline.train.loop import PREEMPTED_EXIT_CODE, Trainer, local_runtime, train_loop
+from pipeline.train.loop import (
+    PREEMPTED_EXIT_CODE,
+    Trainer,
+    local_runtime,
+    rank_share,
+    train_loop,
+)
+from pipeline.train.models import area_weighted_mse
 from tests.conftest import run_cli, train_config, write_config
 
 pytestmark = pytest.mark.integration
@@ -162,6 +170,44 @@ def test_early_stopping_ends_the_run(tiny_store: Path, tmp_path: Path) -> None:
                  early_stopping_patience=1, early_stopping_min_delta=0.01)
     final = train_loop(cfg, local_runtime(cfg))
     assert final["step"] == 20
+
+
+def test_batched_validation_equals_the_per_sample_means(tiny_store: Path, tmp_path: Path) -> None:
+    """Validation in batches of train.val_batch_size (7: the last batch is short) gives the
+    means of the per-sample losses and errors, computed here one sample at a time."""
+    cfg = config(tiny_store, tmp_path, max_steps=10, val_batch_size=7)
+    train_loop(cfg, local_runtime(cfg))
+    trainer = Trainer(cfg, local_runtime(cfg))  # resumes the trained weights
+    got = trainer.validate()
+    model, val = trainer.stepper.eval(), trainer.val_set
+    assert len(val) % 7 != 0
+    loss, persistence, squared = [], [], []
+    with torch.no_grad():
+        for i in range(len(val)):
+            s = val[i]
+            pred = model.step(s["inputs"][None], s["target_forcings"][None, 0])
+            target, last = s["targets"][None, 0], s["inputs"][None, -1, model.outputs]
+            loss.append(float(area_weighted_mse(pred, target, trainer.lat_w, trainer.channel_w)))
+            persistence.append(float(area_weighted_mse(last, target, trainer.lat_w,
+                                                       trainer.channel_w)))
+            squared.append(((pred - target) ** 2 * trainer.lat_w[:, None]).mean(dim=(0, 2, 3)))
+    _, std = trainer.info.normalisation()
+    rmse = torch.stack(squared).mean(0).sqrt().numpy() * std[list(trainer.info.layout.outputs)]
+    assert got["val_loss"] == pytest.approx(np.mean(loss), rel=1e-5)
+    assert got["val_loss_persistence"] == pytest.approx(np.mean(persistence), rel=1e-5)
+    np.testing.assert_allclose(list(got["val_rmse"].values()), rmse, rtol=1e-5)
+    assert got["val_loss"] < got["val_loss_persistence"]
+    # the val split kept in memory (train.resident): the same batches, the same metrics
+    trainer.val_split = ResidentSplit(val, torch.device("cpu"))
+    assert trainer.validate() == got
+
+
+@pytest.mark.parametrize(("n", "world_size"), [(10, 1), (10, 3), (2, 4), (0, 2)])
+def test_rank_shares_tile_the_samples(n: int, world_size: int) -> None:
+    shares = [rank_share(n, r, world_size) for r in range(world_size)]
+    assert [i for lo, hi in shares for i in range(lo, hi)] == list(range(n))
+    sizes = [hi - lo for lo, hi in shares]
+    assert max(sizes) - min(sizes) <= 1
 
 
 def test_corrupt_latest_checkpoint_is_skipped(tiny_store: Path, tmp_path: Path, caplog) -> None:

@@ -377,14 +377,20 @@ class ForecastDataset(Dataset):
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, torch.Tensor]]:
         """The samples ``indices`` (what a DataLoader worker fetches for one batch), each
         run of consecutive times read once (see ``read_run_into``)."""
+        batch = self.read_batch(indices)
+        return [{k: v[j] for k, v in batch.items()} for j in range(len(indices))]
+
+    def read_batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """The samples ``indices`` stacked into one batch (leading axis: sample), with
+        their time indices (``index``); each run of consecutive times read once."""
         n = len(indices)
         arrays = {k: np.empty((n, *shape), dtype=np.float32) for k, shape in self.sample_shapes.items()}
         times = np.empty(n, dtype=np.int64)
         for run in consecutive_runs(self.times[np.asarray(indices, dtype=np.int64)], RUN_LENGTH):
             times[run] = self.read_run_into(indices[run], arrays["inputs"][run],
                                             arrays["target_forcings"][run], arrays["targets"][run])
-        return [{**{k: torch.from_numpy(a[j]) for k, a in arrays.items()},
-                 "index": torch.tensor(int(times[j]))} for j in range(n)]
+        return {**{k: torch.from_numpy(a) for k, a in arrays.items()},
+                "index": torch.from_numpy(times)}
 
 
 class BlockShuffleSampler(Sampler[int]):

@@ -169,6 +169,12 @@ def lr_lambda(cfg: Config) -> Callable[[int], float]:
     return factor
 
 
+def rank_share(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The contiguous range ``[lo, hi)`` of ``n`` items that ``rank`` takes: the ranks'
+    shares tile ``0 .. n`` and differ in size by at most one."""
+    return rank * n // world_size, (rank + 1) * n // world_size
+
+
 def use_bf16(cfg: Config, device: torch.device) -> bool:
     return device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
 
@@ -233,6 +239,7 @@ class Trainer:
         self.info = StoreInfo(cfg.data.store)
         self.train_set = ForecastDataset(self.info, "train", t.history, t.lead, t.rollout)
         self.val_set = ForecastDataset(self.info, "val", t.history, t.lead, 1)
+        self.val_split: ResidentSplit | None = None  # the val split in memory (loader())
         self.stepper = build_stepper(cfg, self.info).to(rt.device)
         self.optimizer = torch.optim.AdamW(self.stepper.parameters(), lr=t.lr,
                                            weight_decay=t.weight_decay)
@@ -323,23 +330,30 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> dict[str, Any]:
         """Loss, persistence loss and per-channel RMSE (physical units) on the val split,
-        each rank taking every world_size-th sample."""
+        each rank taking a contiguous share of the samples in batches of
+        ``train.val_batch_size`` (each run of consecutive samples read once, or gathered
+        from the split in memory)."""
         self.stepper.eval()
         out = self.info.layout.outputs
         _, std = self.info.normalisation()
         n_out = len(out)
         sums = np.zeros(3 + n_out)  # loss*n, persistence*n, n, per-channel squared error
-        for i in range(self.rt.rank, len(self.val_set), self.rt.world_size):
-            s = self.val_set[i]
-            b = Batch.to({k: v[None] for k, v in s.items()}, self.rt.device)
+        lo, hi = rank_share(len(self.val_set), self.rt.rank, self.rt.world_size)
+        size = self.cfg.train.val_batch_size or self.cfg.train.batch_size
+        for start in range(lo, hi, size):
+            indices = list(range(start, min(hi, start + size)))
+            b = Batch.to(self.val_set.read_batch(indices) if self.val_split is None else
+                         self.val_split.batch(torch.tensor(indices, device=self.rt.device)),
+                         self.rt.device)
             with torch.autocast(self.rt.device.type, dtype=torch.bfloat16,
                                 enabled=use_bf16(self.cfg, self.rt.device)):
                 pred = self.stepper.step(b.inputs, b.target_forcings[:, 0]).float()
             target, last = b.targets[:, 0], b.inputs[:, -1, self.stepper.outputs]
-            sums[0] += float(area_weighted_mse(pred, target, self.lat_w, self.channel_w))
-            sums[1] += float(area_weighted_mse(last, target, self.lat_w, self.channel_w))
-            sums[2] += 1
-            err = ((pred - target) ** 2 * self.lat_w[:, None]).mean(dim=(0, 2, 3))
+            n = len(indices)  # the losses are means over the batch's samples
+            sums[0] += n * float(area_weighted_mse(pred, target, self.lat_w, self.channel_w))
+            sums[1] += n * float(area_weighted_mse(last, target, self.lat_w, self.channel_w))
+            sums[2] += n
+            err = ((pred - target) ** 2 * self.lat_w[:, None]).mean(dim=(2, 3)).sum(dim=0)
             sums[3:] += err.double().cpu().numpy()
         sums = np.asarray(self.rt.all_reduce(sums.tolist()))
         n = max(sums[2], 1.0)
@@ -366,10 +380,12 @@ class Trainer:
         return "processes" if backend == "auto" else backend
 
     def keeps_resident(self) -> bool:
-        """Whether the training split is kept in the device's memory (train.resident)."""
+        """Whether the training and validation splits are kept in the device's memory
+        (train.resident)."""
         setting = self.cfg.train.resident
         if setting == "auto":
-            return fits_on(self.rt.device, resident_bytes(self.train_set))
+            return fits_on(self.rt.device,
+                           resident_bytes(self.train_set) + resident_bytes(self.val_set))
         return bool(setting)
 
     def loader(self) -> DataLoader | BatchLoader | ResidentLoader:
@@ -377,10 +393,13 @@ class Trainer:
         workers, backend = t.loader_workers, self.loader_backend()
         if self.keeps_resident():
             split = ResidentSplit(self.train_set, self.rt.device, workers)
+            self.val_split = ResidentSplit(self.val_set, self.rt.device, workers)
             if self.rt.rank == 0:
-                log.info("training split kept in %s memory: %d steps, %.2f GiB, read in %.1f s",
-                         self.rt.device, split.steps.shape[0], split.nbytes / 2**30,
-                         split.load_seconds)
+                log.info("train and val splits kept in %s memory: %d + %d steps, %.2f GiB, "
+                         "read in %.1f s", self.rt.device, split.steps.shape[0],
+                         self.val_split.steps.shape[0],
+                         (split.nbytes + self.val_split.nbytes) / 2**30,
+                         split.load_seconds + self.val_split.load_seconds)
             return ResidentLoader(split, self.sampler, t.batch_size)
         if backend in ("threads", "processes"):
             on_device = t.assemble_on_device and self.rt.device.type == "cuda"
@@ -400,6 +419,9 @@ class Trainer:
         finally:
             if isinstance(loader, BatchLoader | ResidentLoader):
                 loader.close()  # stops the readers or frees the split, also on an exception
+            if self.val_split is not None:
+                self.val_split.release()
+                self.val_split = None
 
     def _run(self, loader: DataLoader | BatchLoader | ResidentLoader) -> dict[str, Any]:
         t, p = self.cfg.train, self.progress
