@@ -221,7 +221,7 @@ class Train(Section):
         "steps to the GPU and normalise and gather the samples there (half the "
         "host-to-device bytes, no CPU copies); false makes the samples in pinned host "
         "buffers instead.")
-    resident: Literal["auto"] | bool = Field(
+    resident: Literal["auto", True, False] = Field(
         "auto", description="Keep the train and val splits' normalised steps in the "
         "training device's memory, read once, and make each batch by indexing them (no "
         "reads after the first pass; the loader settings then only set the threads of that "

@@ -335,6 +335,7 @@ def test_cli_preemption_checkpoints_exits_75_and_the_rerun_finishes(
     ("train.batch_size=0", "train.batch_size"),
     ("train.lead=0", "train.lead"),
     ("model.arch=transformer", "model.arch"),
+    ("train.resident=maybe", "'train.resident': Input should be 'auto', True or False"),
 ])
 def test_cli_bad_train_values_exit_2(override: str, fragment: str, tiny_store: Path,
                                      tmp_path: Path) -> None:
