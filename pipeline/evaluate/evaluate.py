@@ -106,9 +106,8 @@ def score(model: rollout.Forecaster, dataset: ForecastDataset, inits: np.ndarray
     data = zarr.open_array(info.path, path="data", mode="r")
     sample = None
     for chunk in chunks(inits, chunk_size):
-        items = [dataset[int(i)] for i in chunk]
-        inputs = np.stack([s["inputs"].numpy() for s in items])
-        forcings = np.stack([s["target_forcings"].numpy() for s in items])
+        batch = dataset.read_batch([int(i) for i in chunk])  # consecutive inits share reads
+        inputs, forcings = batch["inputs"].numpy(), batch["target_forcings"].numpy()
         forecast = model.rollout(inputs, forcings)[:, np.asarray(leads) - 1]  # (B, L, C, Y, X)
         t0 = dataset.times[chunk]
         truth = np.stack([data[int(t) + steps[0]: int(t) + steps[-1] + 1][steps - steps[0]][:, out]
