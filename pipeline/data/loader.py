@@ -3,12 +3,14 @@
 A sample is ``history`` consecutive input steps ending at time index ``t`` (all
 channels), the forcing channels at each target time, and the predicted channels
 (prognostic and derived) at ``t + lead * k`` for ``k = 1 .. rollout``, all normalised
-with the store's statistics. Reads go through zarr directly, one call per sample for
-the contiguous range of steps it needs (each step is one chunk), or one per run of
-samples at consecutive times (they share all but one step): no dask and no xarray on
-the hot path. The store is opened lazily in each process, so DataLoader workers
+with the store's statistics. Each read takes the contiguous range of steps a sample
+needs (each step is one chunk), or that a run of samples at consecutive times needs
+(they share all but one step), decoded straight from the shard files
+(``pipeline.data.shards``) or, for other layouts, through zarr: no dask and no xarray
+on the hot path. The store is opened lazily in each process, so DataLoader workers
 (forked or spawned) each get their own handle. ``pipeline.data.batches.BatchLoader``
-reads batches with reader threads or processes into reused (pinned) batch buffers.
+reads batches with reader threads or processes into reused (pinned) batch buffers;
+``pipeline.data.resident`` keeps a whole split in the device's memory instead.
 """
 
 from __future__ import annotations
