@@ -212,8 +212,10 @@ class Train(Section):
         "auto", description="How batches are read: by reader 'threads' in the training "
         "process or reader 'processes', both filling reused (pinned) batch buffers, or by "
         "torch 'dataloader' worker processes; 'auto': processes (see Trainer.loader_backend).")
-    loader_workers: int = Field(0, ge=0, description="Reader threads or processes, as "
-                                "train.loader says; 0 reads in the training thread.")
+    loader_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        "auto", description="Reader threads or processes, as train.loader says; 0 reads in "
+        "the training thread. auto: on a GPU cpus_per_worker - 1 (at least 1, at most 8), "
+        "on the CPU 0 (the step uses the cores).")
     prefetch_factor: int = Field(2, ge=1, description="Batches read ahead (per worker process "
                                  "for 'dataloader').")
     assemble_on_device: bool = Field(
@@ -390,12 +392,19 @@ def _first_model(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+def _key_path(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """An error's location as config keys: without pydantic's names of the union members
+    it tried (``Variable``, ``str``, ``constrained-int``, ``literal['auto']``, ...)."""
+    return tuple(p for p in loc if not (isinstance(p, str) and (
+        p in ("Variable", "str", "int", "bool", "float") or not p.replace("_", "a").isalnum())))
+
+
 def _format_validation_error(err: ValidationError, origin: str) -> ConfigError:
     """Turn pydantic's report into one line naming the key path and what is allowed."""
     errors = err.errors()
     # A misspelt key also makes its intended key "missing": report the misspelling.
     first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-    loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p in ("Variable", "str")))
+    loc = _key_path(first["loc"])
     path = ".".join(str(p) for p in loc) or "<root>"
     if first["type"] == "extra_forbidden":
         allowed = _allowed_keys(Config, loc[:-1])
@@ -405,9 +414,9 @@ def _format_validation_error(err: ValidationError, origin: str) -> ConfigError:
                            f"{hint}allowed keys there: {', '.join(allowed)}")
     if first["type"] == "missing":
         return ConfigError(f"{origin}: missing config key '{path}'", "add it to the config")
-    msg = first["msg"]
-    if first["type"] == "value_error":
-        msg = msg.removeprefix("Value error, ")
+    # a value that fits none of a union's kinds fails each: say what each would need
+    msgs = [e["msg"].removeprefix("Value error, ") for e in errors if _key_path(e["loc"]) == loc]
+    msg = "; or ".join(dict.fromkeys(msgs))
     given = first.get("input")
     shown = "" if isinstance(given, dict) else f" (got {given!r})"
     return ConfigError(f"{origin}: invalid value for '{path}': {msg}{shown}",

@@ -305,12 +305,16 @@ def describe_cluster() -> None:
 
 
 def resources_overrides(cfg: Config, alloc: Allocation) -> Config:
-    """Workers and GPU use from the allocation: one worker per GPU, else per node."""
+    """Workers and GPU use from the allocation: one worker per GPU, else per node. With
+    GPUs and ``train.loader_workers: auto``, each worker's readers are its share of the
+    node's CPUs less the one it trains on (at least 1, at most 8; see
+    ``pipeline.train.loop.reader_count``)."""
     gpus = alloc.gpus_per_node
     per_node = gpus if gpus > 0 else max(1, alloc.cpus_per_task // cfg.train.cpus_per_worker)
-    train = cfg.train.model_copy(update={"workers": per_node * len(alloc.nodes),
-                                         "use_gpu": gpus > 0})
-    return cfg.model_copy(update={"train": train})
+    update: dict[str, Any] = {"workers": per_node * len(alloc.nodes), "use_gpu": gpus > 0}
+    if gpus > 0 and cfg.train.loader_workers == "auto":
+        update["loader_workers"] = min(8, max(1, alloc.cpus_per_task // gpus - 1))
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update=update)})
 
 
 def requeue(alloc: Allocation) -> None:
@@ -348,8 +352,9 @@ def launch_train(cfg: Config, address: str | None = None) -> Any:
         return TrainResult(run_dir=cfg.run_dir(), metrics={}, preempted=False)
     cfg = resources_overrides(cfg, alloc)
     log.info("Slurm job %s: %d nodes (%s), %d CPUs and %d GPUs per node -> %d Ray Train "
-             "workers", alloc.job_id, len(alloc.nodes), ",".join(alloc.nodes),
-             alloc.cpus_per_task, alloc.gpus_per_node, cfg.train.workers)
+             "workers, loader workers %s", alloc.job_id, len(alloc.nodes), ",".join(alloc.nodes),
+             alloc.cpus_per_task, alloc.gpus_per_node, cfg.train.workers,
+             cfg.train.loader_workers)
     early: list[int] = []  # a signal before training starts: stop right after start-up
 
     def note(signum: int, _frame: Any) -> None:

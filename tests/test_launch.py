@@ -57,7 +57,15 @@ def test_workers_follow_the_allocation() -> None:
     gpu = Allocation("1", ("a", "b"), "a", 32, 4, False, 0, 1, "/tmp")
     assert resources_overrides(cfg, gpu).train.workers == 8
     assert resources_overrides(cfg, gpu).train.use_gpu is True
+    # loader_workers auto: the GPU's share of the node's CPUs (8) less its training one
+    assert resources_overrides(cfg, gpu).train.loader_workers == 7
+    fat = Allocation("1", ("a",), "a", 128, 4, False, 0, 1, "/tmp")
+    assert resources_overrides(cfg, fat).train.loader_workers == 8
+    set_by_user = cfg.model_copy(update={"train": cfg.train.model_copy(
+        update={"loader_workers": 2})})
+    assert resources_overrides(set_by_user, gpu).train.loader_workers == 2
     cpu = Allocation("1", ("a", "b", "c"), "a", 4, 0, False, 0, 1, "/tmp")
     assert resources_overrides(cfg, cpu).train.workers == 3 * (4 // cfg.train.cpus_per_worker)
     assert resources_overrides(cfg, cpu).train.use_gpu is False
+    assert resources_overrides(cfg, cpu).train.loader_workers == "auto"  # none on CPUs
     assert node_resource("gpu-01.cluster") == "slurm_node_gpu_01_cluster"

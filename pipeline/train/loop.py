@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from pipeline.config import Config, config_hash, resolved_dict
+from pipeline.config import Train as TrainSection
 from pipeline.data.batches import BatchLoader
 from pipeline.data.loader import BlockShuffleSampler, ForecastDataset, StoreInfo
 from pipeline.data.resident import ResidentLoader, ResidentSplit, fits_on, resident_bytes
@@ -173,6 +174,18 @@ def rank_share(n: int, rank: int, world_size: int) -> tuple[int, int]:
     """The contiguous range ``[lo, hi)`` of ``n`` items that ``rank`` takes: the ranks'
     shares tile ``0 .. n`` and differ in size by at most one."""
     return rank * n // world_size, (rank + 1) * n // world_size
+
+
+def reader_count(train: TrainSection, device: torch.device) -> int:
+    """Reader threads or processes (train.loader_workers). ``auto``: on a GPU, the
+    worker's other CPUs (``cpus_per_worker - 1``, at least 1 so that reads overlap the
+    step, at most 8, past which reading stopped scaling on the H100 machine); on the
+    CPU none, since the step itself uses the cores."""
+    if train.loader_workers != "auto":
+        return int(train.loader_workers)
+    if device.type != "cuda":
+        return 0
+    return min(8, max(1, train.cpus_per_worker - 1))
 
 
 def use_bf16(cfg: Config, device: torch.device) -> bool:
@@ -390,7 +403,7 @@ class Trainer:
 
     def loader(self) -> DataLoader | BatchLoader | ResidentLoader:
         t = self.cfg.train
-        workers, backend = t.loader_workers, self.loader_backend()
+        workers, backend = reader_count(t, self.rt.device), self.loader_backend()
         if self.keeps_resident():
             split = ResidentSplit(self.train_set, self.rt.device, workers)
             self.val_split = ResidentSplit(self.val_set, self.rt.device, workers)
