@@ -247,6 +247,17 @@ def test_resident_split_of_a_damaged_store_fails_with_the_shard_named(tiny_store
     assert not [t for t in threading.enumerate() if t.name.startswith("pipeline-resident")]
 
 
+def test_resident_split_that_does_not_fit_is_a_config_error(tiny_store: Path) -> None:
+    """A split far larger than memory (its samples made to span 10^9 steps, about 18
+    TiB): the allocation fails at once, with the size and the fix."""
+    ds = ForecastDataset(StoreInfo(tiny_store), "val", 1, 1)
+    ds.times = np.array([0, 10**9])
+    with pytest.raises(ConfigError, match=r"the val split \(\d+\.\d GiB\) does not fit in the "
+                       r"memory of cpu") as err:
+        ResidentSplit(ds, torch.device("cpu"))
+    assert "train.resident: false" in str(err.value)
+
+
 def gpu_case(tiny_store: Path) -> tuple[ForecastDataset, BlockShuffleSampler, list[dict]]:
     """A dataset, a sampler and the DataLoader's batches for the CUDA tests, then about a
     second of GPU work queued ahead of everything that follows: copies run long after

@@ -345,6 +345,8 @@ def test_cli_preemption_checkpoints_exits_75_and_the_rerun_finishes(
     ("train.lead=0", "train.lead"),
     ("model.arch=transformer", "model.arch"),
     ("train.resident=maybe", "'train.resident': Input should be 'auto', True or False"),
+    ("train.loader_workers=-1", "'train.loader_workers': Input should be greater than or equal "
+     "to 0; or Input should be 'auto'"),
 ])
 def test_cli_bad_train_values_exit_2(override: str, fragment: str, tiny_store: Path,
                                      tmp_path: Path) -> None:

@@ -162,7 +162,7 @@ class ForecastDataset(Dataset):
         if history < 1 or lead < 1 or rollout < 1:
             raise ConfigError("train.history, train.lead and train.rollout must be >= 1",
                               "fix the train section")
-        self.path = info.path
+        self.path, self.split = info.path, split
         self.layout = info.layout
         self.history, self.lead, self.rollout = history, lead, rollout
         first, last = info.split_range(split)

@@ -69,7 +69,7 @@ class ResidentSplit:
         try:
             self.steps = torch.empty(shape, dtype=torch.float32, device=device)
         except RuntimeError:  # torch.cuda.OutOfMemoryError, or the CPU allocator's error
-            raise ConfigError(f"the training split ({resident_bytes(dataset) / 2**30:.1f} GiB) "
+            raise ConfigError(f"the {dataset.split} split ({resident_bytes(dataset) / 2**30:.1f} GiB) "
                               f"does not fit in the memory of {device}",
                               "set train.resident: false to stream it") from None
         started = time.perf_counter()
