@@ -143,15 +143,15 @@ def batch_loader_rate(dataset: ForecastDataset, sampler: BlockShuffleSampler, re
 
 
 class OnGpu:
-    """A batch loader's batches on the GPU, moved there as the training loop moves them
-    (a no-op for batches assembled there); an epoch ends once the GPU has them all."""
+    """A loader's batches on the GPU, moved there as the training loop moves them (a
+    no-op for batches made there); an epoch ends once the GPU has them all."""
 
-    def __init__(self, loader: BatchLoader):
-        self.loader = loader
+    def __init__(self, loader: Iterable[dict[str, torch.Tensor]], device: torch.device):
+        self.loader, self.device = loader, device
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for batch in self.loader:
-            yield {k: v.to(self.loader.device, non_blocking=True) for k, v in batch.items()}
+            yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         torch.cuda.synchronize()
 
 
@@ -161,18 +161,7 @@ def gpu_batch_loader_rate(dataset: ForecastDataset, sampler: BlockShuffleSampler
     host (then copied) or assembled on the GPU from the raw steps."""
     with BatchLoader(dataset, sampler, batch, n, prefetch=4, device=torch.device("cuda"),
                      on_device=on_device, readers=readers) as loader:
-        return epochs_rate(OnGpu(loader))
-
-
-class Synchronised:
-    """A loader whose epoch ends once the GPU has made all its batches."""
-
-    def __init__(self, loader: ResidentLoader):
-        self.loader = loader
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        yield from self.loader
-        torch.cuda.synchronize()
+        return epochs_rate(OnGpu(loader, loader.device))
 
 
 def resident_measure(dataset: ForecastDataset, sampler: BlockShuffleSampler, readers: int,
@@ -185,7 +174,7 @@ def resident_measure(dataset: ForecastDataset, sampler: BlockShuffleSampler, rea
     facts = {"device": device.type, "read_seconds": round(split.load_seconds, 2),
              "gib": round(split.nbytes / 2**30, 2), "steps": int(split.steps.shape[0]),
              "readers": readers}
-    return facts, lambda: epochs_rate(Synchronised(loader) if device.type == "cuda" else loader)
+    return facts, lambda: epochs_rate(OnGpu(loader, device) if device.type == "cuda" else loader)
 
 
 def main() -> int:

@@ -180,6 +180,13 @@ class Model(Section):
     predict_tendency: bool = Field(True, description="Predict the normalised change, not the state.")
 
 
+def auto_gpu_readers(cpus: int) -> int:
+    """``train.loader_workers: auto`` for a GPU worker with ``cpus`` CPUs: all but the one
+    it trains on, at least 1 so that reads overlap the step, at most 8 (past which
+    reading stopped scaling on the H100 machine; docs/benchmarks.md)."""
+    return min(8, max(1, cpus - 1))
+
+
 class Train(Section):
     """Training loop, Ray scaling and checkpointing."""
 

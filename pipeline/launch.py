@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config
+from pipeline.config import Config, auto_gpu_readers
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -306,14 +306,13 @@ def describe_cluster() -> None:
 
 def resources_overrides(cfg: Config, alloc: Allocation) -> Config:
     """Workers and GPU use from the allocation: one worker per GPU, else per node. With
-    GPUs and ``train.loader_workers: auto``, each worker's readers are its share of the
-    node's CPUs less the one it trains on (at least 1, at most 8; see
-    ``pipeline.train.loop.reader_count``)."""
+    GPUs and ``train.loader_workers: auto``, each worker's readers come from its share of
+    the node's CPUs (``config.auto_gpu_readers``)."""
     gpus = alloc.gpus_per_node
     per_node = gpus if gpus > 0 else max(1, alloc.cpus_per_task // cfg.train.cpus_per_worker)
     update: dict[str, Any] = {"workers": per_node * len(alloc.nodes), "use_gpu": gpus > 0}
     if gpus > 0 and cfg.train.loader_workers == "auto":
-        update["loader_workers"] = min(8, max(1, alloc.cpus_per_task // gpus - 1))
+        update["loader_workers"] = auto_gpu_readers(alloc.cpus_per_task // gpus)
     return cfg.model_copy(update={"train": cfg.train.model_copy(update=update)})
 
 

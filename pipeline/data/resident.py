@@ -33,8 +33,7 @@ GPU_SHARE = 0.5
 
 def resident_bytes(dataset: ForecastDataset) -> int:
     """Bytes that :class:`ResidentSplit` holds for ``dataset``: every step its samples use."""
-    first, last = _step_range(dataset)
-    return (last - first + 1) * int(np.prod(dataset.sample_shapes["inputs"][1:])) * 4
+    return int(np.prod(_steps_shape(dataset))) * 4
 
 
 def fits_on(device: torch.device, nbytes: int) -> bool:
@@ -48,10 +47,16 @@ def fits_on(device: torch.device, nbytes: int) -> bool:
     return nbytes <= GPU_SHARE * free
 
 
-def _step_range(dataset: ForecastDataset) -> tuple[int, int]:
-    """First and last time index of the steps the split's samples use."""
-    return (int(dataset.times[0]) - dataset.history + 1,
-            int(dataset.times[-1]) + dataset.lead * dataset.rollout)
+def _first_step(dataset: ForecastDataset) -> int:
+    """Time index of the first step the split's samples use."""
+    return int(dataset.times[0]) - dataset.history + 1
+
+
+def _steps_shape(dataset: ForecastDataset) -> tuple[int, ...]:
+    """(steps, channel, lat, lon): every step from the first the split's samples use to
+    the last."""
+    last = int(dataset.times[-1]) + dataset.lead * dataset.rollout
+    return (last - _first_step(dataset) + 1, *dataset.sample_shapes["inputs"][1:])
 
 
 class ResidentSplit:
@@ -64,10 +69,9 @@ class ResidentSplit:
 
     def __init__(self, dataset: ForecastDataset, device: torch.device, readers: int = 1):
         self.dataset, self.device = dataset, device
-        self.first, last = _step_range(dataset)
-        shape = (last - self.first + 1, *dataset.sample_shapes["inputs"][1:])
+        self.first = _first_step(dataset)
         try:
-            self.steps = torch.empty(shape, dtype=torch.float32, device=device)
+            self.steps = torch.empty(_steps_shape(dataset), dtype=torch.float32, device=device)
         except RuntimeError:  # torch.cuda.OutOfMemoryError, or the CPU allocator's error
             raise ConfigError(f"the {dataset.split} split ({resident_bytes(dataset) / 2**30:.1f} GiB) "
                               f"does not fit in the memory of {device}",
@@ -97,36 +101,29 @@ class ResidentSplit:
             end = min(self.first + n, (t // per_shard + 1) * per_shard)
             bounds.append((t, end))
             t = end
-        on_host = self.device.type == "cpu"
-        host = self.steps.numpy() if on_host else None
+        host = self.steps.numpy() if self.device.type == "cpu" else None  # read in place
 
-        def read(span: tuple[int, int]) -> np.ndarray:
+        def read(span: tuple[int, int]) -> tuple[tuple[int, int], np.ndarray]:
             lo, hi = span
             out = host[lo - self.first:hi - self.first] if host is not None else \
                 np.empty((hi - lo, *self.steps.shape[1:]), dtype=np.float32)
             ds.read_steps_into(lo, out)
-            return out
+            return span, out
 
         with ThreadPoolExecutor(readers, thread_name_prefix="pipeline-resident") as pool:
-            queued: deque[tuple[tuple[int, int], Future[np.ndarray]]] = deque()
+            queued: deque[Future[tuple[tuple[int, int], np.ndarray]]] = deque()
             for span in bounds:
-                queued.append((span, pool.submit(read, span)))
+                queued.append(pool.submit(read, span))
                 if len(queued) >= 2 * readers:
-                    self._place(*self._next(queued), on_host)
+                    self._place(*queued.popleft().result())
             while queued:
-                self._place(*self._next(queued), on_host)
+                self._place(*queued.popleft().result())
 
-    @staticmethod
-    def _next(queued: deque[tuple[tuple[int, int], Future[np.ndarray]]]
-              ) -> tuple[tuple[int, int], np.ndarray]:
-        span, future = queued.popleft()
-        return span, future.result()
-
-    def _place(self, span: tuple[int, int], values: np.ndarray, on_host: bool) -> None:
+    def _place(self, span: tuple[int, int], values: np.ndarray) -> None:
         """Put a span's raw steps in place (on the CPU they were read there) and
         normalise them."""
         rows = self.steps[span[0] - self.first:span[1] - self.first]
-        if not on_host:
+        if self.device.type != "cpu":
             rows.copy_(torch.from_numpy(values))
         self.dataset.normalise_(rows)
 

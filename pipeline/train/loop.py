@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from pipeline.config import Config, config_hash, resolved_dict
+from pipeline.config import Config, auto_gpu_readers, config_hash, resolved_dict
 from pipeline.config import Train as TrainSection
 from pipeline.data.batches import BatchLoader
 from pipeline.data.loader import BlockShuffleSampler, ForecastDataset, StoreInfo
@@ -177,15 +177,12 @@ def rank_share(n: int, rank: int, world_size: int) -> tuple[int, int]:
 
 
 def reader_count(train: TrainSection, device: torch.device) -> int:
-    """Reader threads or processes (train.loader_workers). ``auto``: on a GPU, the
-    worker's other CPUs (``cpus_per_worker - 1``, at least 1 so that reads overlap the
-    step, at most 8, past which reading stopped scaling on the H100 machine); on the
-    CPU none, since the step itself uses the cores."""
+    """Reader threads or processes (train.loader_workers). ``auto``: on a GPU, from the
+    worker's CPUs (``config.auto_gpu_readers``); on the CPU none, since the step itself
+    uses the cores."""
     if train.loader_workers != "auto":
         return int(train.loader_workers)
-    if device.type != "cuda":
-        return 0
-    return min(8, max(1, train.cpus_per_worker - 1))
+    return auto_gpu_readers(train.cpus_per_worker) if device.type == "cuda" else 0
 
 
 def use_bf16(cfg: Config, device: torch.device) -> bool:
