@@ -73,6 +73,41 @@ def test_plain_loop_learns_and_beats_persistence(tiny_store: Path, tmp_path: Pat
     assert progress["step"] == 40 and progress["max_steps"] == 40
 
 
+def test_data_wait_is_the_time_spent_asking_the_loader(tiny_store: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loader that takes 0.1 s a batch: the reported wait holds those seconds, the
+    reported rate counts them, and the loss (read only when reported) is unchanged."""
+    delay = 0.1
+    plain = config(tiny_store, tmp_path / "plain", max_steps=20, loader="dataloader")
+    train_loop(plain, local_runtime(plain))
+    make_loader = Trainer.loader
+
+    def slow_loader(self: Trainer):
+        batches = make_loader(self)
+
+        class Slow:
+            def __len__(self) -> int:
+                return len(batches)
+
+            def __iter__(self):
+                for batch in batches:
+                    time.sleep(delay)
+                    yield batch
+
+        return Slow()
+
+    monkeypatch.setattr(Trainer, "loader", slow_loader)
+    slow = config(tiny_store, tmp_path / "slow", max_steps=20, loader="dataloader")
+    train_loop(slow, local_runtime(slow))
+    for fast_m, slow_m in zip(metrics(plain.run_dir()), metrics(slow.run_dir()), strict=True):
+        assert slow_m["train_loss"] == fast_m["train_loss"]
+        steps = 10  # checkpoint_every
+        seconds = steps * slow.train.batch_size / slow_m["samples_per_s"]
+        assert seconds > steps * delay  # the window's time holds the loader's
+        assert steps * delay <= slow_m["data_wait_fraction"] * seconds < seconds
+        assert slow_m["data_wait_fraction"] > fast_m["data_wait_fraction"]
+
+
 def test_plain_loop_resumes_bitwise_mid_epoch(tiny_store: Path, tmp_path: Path) -> None:
     whole = config(tiny_store, tmp_path / "whole", max_steps=30)
     train_loop(whole, local_runtime(whole))

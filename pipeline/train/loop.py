@@ -118,15 +118,22 @@ class Runtime:
     resume_candidates: Callable[[], list[Path]] = lambda: []
     stop_requested: Callable[[], bool] = lambda: False
 
+    # a gloo group for the host values (all_reduce), whatever the default group's backend
+    _host_group: Any = field(default=None, init=False, repr=False)
+
     def all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
-        """Sum (or max) floats over ranks; identity in one process."""
+        """Sum (or max) floats over ranks; identity in one process. The values live on
+        the host, so they go through gloo: with NCCL they would be copied to the GPU and
+        back, and the copy back waits for every kernel queued before it (the stop flag
+        is reduced after every step)."""
         if self.world_size == 1 or not dist.is_initialized():
             return values
+        if self._host_group is None:  # every rank gets here first, at the same call
+            self._host_group = dist.new_group(backend="gloo")
         tensor = torch.tensor(values, dtype=torch.float64)
-        if dist.get_backend() == "nccl":
-            tensor = tensor.to(self.device)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-        return tensor.cpu().tolist()
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM,
+                        group=self._host_group)
+        return tensor.tolist()
 
 
 def local_runtime(cfg: Config) -> Runtime:
@@ -327,7 +334,10 @@ class Trainer:
         return area_weighted_mse(preds.float().flatten(0, 1), batch.targets.flatten(0, 1),
                                  self.lat_w, self.channel_w)
 
-    def train_step(self, batch: Batch) -> float:
+    def train_step(self, batch: Batch) -> torch.Tensor:
+        """One optimiser step; returns the loss as a tensor on the device. Reading it
+        (``float``) would wait for the step to finish on a GPU: the loop reads it only
+        when it reports, so the host queues the next step while this one runs."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss(batch)
@@ -335,7 +345,7 @@ class Trainer:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
-        return float(loss.detach())
+        return loss.detach()
 
     @torch.no_grad()
     def validate(self) -> dict[str, Any]:
@@ -436,38 +446,37 @@ class Trainer:
     def _run(self, loader: DataLoader | BatchLoader | ResidentLoader) -> dict[str, Any]:
         t, p = self.cfg.train, self.progress
         last: dict[str, Any] = {}
-        window = {"wait": 0.0, "total": 0.0, "samples": 0, "loss": 0.0, "steps": 0}
+        window = _fresh_window()
         self.progress_file = ProgressWriter(self.rt.run_dir, t.max_steps) \
             if self.rt.rank == 0 else None
         stop = p.step >= t.max_steps
         while not stop:
             self.sampler.set_epoch(p.epoch, p.batch_in_epoch)
-            tick = time.perf_counter()
+            asked = time.perf_counter()
             # asking for the next batch hands the previous one's buffer back to the
             # batch loader: nothing may hold on to a batch past its step
             for sample in loader:
-                got = time.perf_counter()  # got - tick: waiting for data
+                window["wait"] += time.perf_counter() - asked  # waiting for data
                 loss = self.train_step(Batch.to(sample, self.rt.device))
                 p.step += 1
                 p.batch_in_epoch += 1
-                done = time.perf_counter()
-                window["wait"] += got - tick
-                window["total"] += done - tick
                 window["samples"] += t.batch_size * self.rt.world_size
-                window["loss"] += loss
+                window["loss"] += loss.double()  # on the device: no wait for the step
                 window["steps"] += 1
-                tick = done
                 stop = self._should_stop()
                 if self.progress_file is not None:
                     self.progress_file.update(p.step, loss, window["samples"] /
-                                              max(window["total"], 1e-9), force=stop)
+                                              max(time.perf_counter() - window["start"], 1e-9),
+                                              force=stop)
                 if p.step % t.val_every == 0 or p.step % t.checkpoint_every == 0 or stop:
+                    window["loss"] = float(window["loss"])  # waits for the queued steps
+                    window["total"] = time.perf_counter() - window["start"]
                     last = self._evaluate_and_save(window, stop)
-                    window = {k: 0.0 if isinstance(v, float) else 0 for k, v in window.items()}
+                    window = _fresh_window()  # validation and saving are not in it
                     stop = stop or self._early_stop()
-                    tick = time.perf_counter()  # validation and saving are not data wait
                 if stop:
                     break
+                asked = time.perf_counter()
             else:
                 p.epoch += 1
                 p.batch_in_epoch = 0
@@ -483,12 +492,12 @@ class Trainer:
         patience = self.cfg.train.early_stopping_patience
         return patience is not None and self.progress.evals_without_improvement >= patience
 
-    def _evaluate_and_save(self, window: dict[str, float], stopping: bool) -> dict[str, Any]:
+    def _evaluate_and_save(self, window: dict[str, Any], stopping: bool) -> dict[str, Any]:
         t, p = self.cfg.train, self.progress
         steps = max(window["steps"], 1)
         metrics: dict[str, Any] = {
             "step": p.step, "epoch": p.epoch, "lr": self.scheduler.get_last_lr()[0],
-            "train_loss": self.rt.all_reduce([window["loss"] / steps])[0] / self.rt.world_size,
+            "train_loss": self.rt.all_reduce([float(window["loss"]) / steps])[0] / self.rt.world_size,
             "samples_per_s": window["samples"] / max(window["total"], 1e-9),
             "data_wait_fraction": window["wait"] / max(window["total"], 1e-9),
             "memory_mb": memory_mb(self.rt.device),
@@ -524,6 +533,15 @@ class Trainer:
     def close(self, failed: bool = False) -> None:
         for sink in self.sinks:
             sink.close(failed)
+
+
+def _fresh_window() -> dict[str, Any]:
+    """What is summed over the steps of a report: seconds spent asking the loader for
+    batches, samples, loss (a tensor on the device after the first step), steps; and
+    when the window started (its ``total`` seconds are set when it is reported, once
+    the queued steps have run, so that the rates are those of the device)."""
+    return {"start": time.perf_counter(), "wait": 0.0, "total": 0.0, "samples": 0,
+            "loss": 0.0, "steps": 0}
 
 
 def train_loop(cfg: Config, rt: Runtime, stop_at: int | None = None) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, SupportsFloat
 
 PROGRESS_FILE = "progress.json"
 
@@ -28,13 +28,16 @@ class ProgressWriter:
         self.max_steps, self.interval = max_steps, interval
         self._last = 0.0
 
-    def update(self, step: int, loss: float, samples_per_s: float, force: bool = False) -> None:
+    def update(self, step: int, loss: SupportsFloat, samples_per_s: float,
+               force: bool = False) -> None:
+        """Write the file if ``interval`` has passed (or ``force``). ``loss`` may be a
+        tensor on a GPU: it is read, which waits for its step, only when written."""
         now = time.monotonic()
         if not force and now - self._last < self.interval:
             return
         self._last = now
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"step": step, "max_steps": self.max_steps, "loss": loss,
+        tmp.write_text(json.dumps({"step": step, "max_steps": self.max_steps, "loss": float(loss),
                                    "samples_per_s": samples_per_s, "time": time.time()}))
         os.replace(tmp, self.path)
 
