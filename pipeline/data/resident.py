@@ -21,10 +21,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import Sampler
 
 from pipeline.data.loader import ForecastDataset
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, StoreError
 
 # ``train.resident: auto`` keeps a split on a GPU when it takes at most this share of the
 # GPU's free memory: the rest is for the model, its activations and the optimiser
@@ -65,9 +66,17 @@ class ResidentSplit:
     The steps are read a shard at a time by ``readers`` threads (decompression releases
     the GIL) with at most ``2 * readers`` shards in host memory at once, copied to the
     device and normalised there.
+
+    With ``world_size > 1`` (``torch.distributed`` initialised, its default group on the
+    ranks' devices: NCCL on GPUs, gloo on the CPU) every rank needs every step, since
+    the sampler deals each rank samples from the whole split; so each rank reads every
+    ``world_size``-th shard and broadcasts it to the others. The file system serves
+    the split once, not once per rank (8 GPUs a node would otherwise read it 8 times),
+    and the ranks' reads run side by side.
     """
 
-    def __init__(self, dataset: ForecastDataset, device: torch.device, readers: int = 1):
+    def __init__(self, dataset: ForecastDataset, device: torch.device, readers: int = 1,
+                 rank: int = 0, world_size: int = 1):
         self.dataset, self.device = dataset, device
         self.first = _first_step(dataset)
         try:
@@ -77,7 +86,8 @@ class ResidentSplit:
                               f"does not fit in the memory of {device}",
                               "set train.resident: false to stream it") from None
         started = time.perf_counter()
-        self._load(max(1, readers))
+        self.shards_read = 0  # by this rank
+        self._load(max(1, readers), rank, world_size)
         self.load_seconds = time.perf_counter() - started
         self._history = torch.arange(dataset.history, device=device) - (dataset.history - 1)
         self._leads = dataset.lead * torch.arange(1, dataset.rollout + 1, device=device)
@@ -92,15 +102,45 @@ class ResidentSplit:
     def nbytes(self) -> int:
         return self.steps.numel() * self.steps.element_size()
 
-    def _load(self, readers: int) -> None:
-        """Read the steps shard by shard, in order, ``readers`` reads at once."""
+    def _spans(self) -> list[tuple[int, int]]:
+        """The steps' time indices ``[lo, hi)`` cut at the shard files' bounds."""
         ds, n = self.dataset, self.steps.shape[0]
         per_shard = ds.steps_per_shard  # also opens the store here, for the readers to share
         bounds, t = [], self.first
-        while t < self.first + n:  # spans aligned with the shard files
+        while t < self.first + n:
             end = min(self.first + n, (t // per_shard + 1) * per_shard)
             bounds.append((t, end))
             t = end
+        return bounds
+
+    def _load(self, readers: int, rank: int, world_size: int) -> None:
+        """Read the shards, or (several ranks) this rank's share of them and then all of
+        them by broadcasts."""
+        spans = self._spans()
+        if world_size == 1:
+            self._read(spans, readers)
+            return
+        try:
+            self._read(spans[rank::world_size], readers)
+        except Exception:
+            self._any_rank_failed(True)  # the others must not wait for this rank's shards
+            raise
+        if self._any_rank_failed(False):
+            raise StoreError(f"another rank could not read its shards of the "
+                             f"{self.dataset.split} split", "see that rank's error")
+        for k, (lo, hi) in enumerate(spans):
+            dist.broadcast(self.steps[lo - self.first:hi - self.first], src=k % world_size)
+
+    def _any_rank_failed(self, failed: bool) -> bool:
+        """Whether any rank failed to read its shards: a collective that every rank
+        calls once, before the broadcasts."""
+        flag = torch.tensor([float(failed)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _read(self, bounds: list[tuple[int, int]], readers: int) -> None:
+        """Read the spans ``bounds`` into place, ``readers`` reads at once."""
+        ds = self.dataset
         host = self.steps.numpy() if self.device.type == "cpu" else None  # read in place
 
         def read(span: tuple[int, int]) -> tuple[tuple[int, int], np.ndarray]:
@@ -126,6 +166,7 @@ class ResidentSplit:
         if self.device.type != "cpu":
             rows.copy_(torch.from_numpy(values))
         self.dataset.normalise_(rows)
+        self.shards_read += 1
 
     def batch(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
         """The samples ``indices`` (positions in the dataset, on the device) and their time

@@ -412,14 +412,17 @@ class Trainer:
         t = self.cfg.train
         workers, backend = reader_count(t, self.rt.device), self.loader_backend()
         if self.keeps_resident():
-            split = ResidentSplit(self.train_set, self.rt.device, workers)
-            self.val_split = ResidentSplit(self.val_set, self.rt.device, workers)
+            # the ranks share the reads (each reads every world_size-th shard)
+            ranks = (self.rt.rank, self.rt.world_size) if dist.is_initialized() else (0, 1)
+            split = ResidentSplit(self.train_set, self.rt.device, workers, *ranks)
+            self.val_split = ResidentSplit(self.val_set, self.rt.device, workers, *ranks)
             if self.rt.rank == 0:
                 log.info("train and val splits kept in %s memory: %d + %d steps, %.2f GiB, "
-                         "read in %.1f s", self.rt.device, split.steps.shape[0],
-                         self.val_split.steps.shape[0],
+                         "read in %.1f s (%d of their shards by this rank)", self.rt.device,
+                         split.steps.shape[0], self.val_split.steps.shape[0],
                          (split.nbytes + self.val_split.nbytes) / 2**30,
-                         split.load_seconds + self.val_split.load_seconds)
+                         split.load_seconds + self.val_split.load_seconds,
+                         split.shards_read + self.val_split.shards_read)
             return ResidentLoader(split, self.sampler, t.batch_size)
         if backend in ("threads", "processes"):
             on_device = t.assemble_on_device and self.rt.device.type == "cuda"
