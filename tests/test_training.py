@@ -4,6 +4,7 @@ fault tolerance, checkpoints, and the command line."""
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import shutil
 import signal
@@ -25,6 +26,7 @@ from pipeline.errors import CheckpointError, ConfigError
 from pipeline.train import checkpoint
 from pipeline.train.loop import (
     PREEMPTED_EXIT_CODE,
+    Runtime,
     Trainer,
     local_runtime,
     rank_share,
@@ -244,6 +246,38 @@ def test_batched_validation_equals_the_per_sample_means(tiny_store: Path, tmp_pa
 def test_reader_count(device: str, cpus: int, setting: object, expected: int) -> None:
     train = Train(loader_workers=setting, cpus_per_worker=cpus)
     assert reader_count(train, torch.device(device)) == expected
+
+
+def _rank_collectives(rank: int, rendezvous: str, out: str) -> None:
+    """One of two gloo ranks in its own process: the Runtime's host collectives."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    try:
+        rt = Runtime(run_dir=Path(out).parent, rank=rank, world_size=2)
+        answers = {"sum": rt.all_reduce([1.0 + rank, 10.0 * rank]),
+                   "max": rt.all_reduce([float(rank)], op="max"),
+                   "both": rt.on_every_rank(True), "one": rt.on_every_rank(rank == 0)}
+        Path(f"{out}-{rank}.json").write_text(json.dumps(answers))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_runtime_collectives_between_two_ranks(tmp_path: Path) -> None:
+    """Sums, maxima and the all-ranks check (train.resident: auto keeps the splits in
+    memory on all ranks or on none) through the Runtime's gloo group, two real ranks."""
+    ctx = mp.get_context("spawn")
+    ranks = [ctx.Process(target=_rank_collectives,
+                         args=(r, str(tmp_path / "rendezvous"), str(tmp_path / "rank")))
+             for r in range(2)]
+    for p in ranks:
+        p.start()
+    for p in ranks:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    for r in range(2):
+        answers = json.loads((tmp_path / f"rank-{r}.json").read_text())
+        assert answers == {"sum": [3.0, 10.0], "max": [1.0], "both": True, "one": False}
 
 
 @pytest.mark.parametrize(("n", "world_size"), [(10, 1), (10, 3), (2, 4), (0, 2)])

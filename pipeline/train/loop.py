@@ -135,6 +135,10 @@ class Runtime:
                         group=self._host_group)
         return tensor.tolist()
 
+    def on_every_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on every rank (a collective: every rank calls it)."""
+        return self.all_reduce([float(not flag)], op="max")[0] == 0.0
+
 
 def local_runtime(cfg: Config) -> Runtime:
     """Run in this process: checkpoints go straight to ``<run>/checkpoints/``; SIGTERM or
@@ -403,10 +407,12 @@ class Trainer:
         """Whether the training and validation splits are kept in the device's memory
         (train.resident)."""
         setting = self.cfg.train.resident
-        if setting == "auto":
-            return fits_on(self.rt.device,
-                           resident_bytes(self.train_set) + resident_bytes(self.val_set))
-        return bool(setting)
+        if setting != "auto":
+            return bool(setting)
+        fits = fits_on(self.rt.device, resident_bytes(self.train_set) + resident_bytes(self.val_set))
+        # all ranks or none: the ranks read the splits together (ResidentSplit), and one
+        # GPU may have less memory free than the others
+        return self.rt.on_every_rank(fits)
 
     def loader(self) -> DataLoader | BatchLoader | ResidentLoader:
         t = self.cfg.train
