@@ -247,34 +247,38 @@ def test_resident_split_of_a_damaged_store_fails_with_the_shard_named(tiny_store
     assert not [t for t in threading.enumerate() if t.name.startswith("pipeline-resident")]
 
 
-def _read_shared_split(rank: int, store: str, rendezvous: str, out: str) -> None:
-    """One of two gloo ranks in its own process: the train split read together."""
+def _read_shared_split(rank: int, store: str, rendezvous: str, out: str,
+                       too_large_on: int) -> None:
+    """One of two gloo ranks in its own process: the train split read together (on rank
+    ``too_large_on``, one far too large for memory)."""
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
     try:
         ds = ForecastDataset(StoreInfo(store), "train", history=2, lead=1, rollout=2)
+        if rank == too_large_on:
+            ds.times = np.array([0, 10**9])
         split = ResidentSplit(ds, torch.device("cpu"), 2, rank, 2)
         np.save(f"{out}-{rank}.npy", split.steps.numpy())
         Path(f"{out}-{rank}.shards").write_text(str(split.shards_read))
-    except StoreError as err:
+    except (StoreError, ConfigError) as err:
         Path(f"{out}-{rank}.error").write_text(str(err))
     finally:
         dist.destroy_process_group()
 
 
-def read_split_in_two_ranks(store: Path, tmp_path: Path) -> list[mp.Process]:
-    """Run ``_read_shared_split`` in two spawned processes; return them, ended."""
+def read_split_in_two_ranks(store: Path, tmp_path: Path, too_large_on: int = -1) -> None:
+    """Run ``_read_shared_split`` in two spawned processes, to their end."""
     ctx = mp.get_context("spawn")
     ranks = [ctx.Process(target=_read_shared_split,
-                         args=(r, str(store), str(tmp_path / "rendezvous"), str(tmp_path / "rank")))
+                         args=(r, str(store), str(tmp_path / "rendezvous"), str(tmp_path / "rank"),
+                               too_large_on))
              for r in range(2)]
     for p in ranks:
         p.start()
     for p in ranks:
         p.join(timeout=120)
         assert p.exitcode == 0, "a rank hung or crashed"
-    return ranks
 
 
 def test_ranks_read_a_share_of_the_shards_and_broadcast_them(tiny_store: Path,
@@ -296,8 +300,16 @@ def test_a_rank_that_cannot_read_its_shard_fails_every_rank(tiny_store: Path,
     another rank failed, and neither waits for the broadcasts."""
     read_split_in_two_ranks(corrupt_shard(tiny_store, tmp_path), tmp_path)
     errors = sorted((tmp_path / f"rank-{r}.error").read_text() for r in range(2))
-    assert "another rank could not read its shards of the train split" in errors[0]
+    assert "another rank could not hold or read its shards of the train split" in errors[0]
     assert "checksum" in errors[1] and "data/c/2/0/0/0" in errors[1]
+
+
+def test_a_rank_that_cannot_hold_the_split_fails_every_rank(tiny_store: Path,
+                                                            tmp_path: Path) -> None:
+    read_split_in_two_ranks(tiny_store, tmp_path, too_large_on=1)
+    assert "does not fit in the memory of cpu" in (tmp_path / "rank-1.error").read_text()
+    assert "another rank could not hold or read its shards" in \
+        (tmp_path / "rank-0.error").read_text()
 
 
 def test_resident_split_that_does_not_fit_is_a_config_error(tiny_store: Path) -> None:

@@ -82,6 +82,8 @@ class ResidentSplit:
         try:
             self.steps = torch.empty(_steps_shape(dataset), dtype=torch.float32, device=device)
         except RuntimeError:  # torch.cuda.OutOfMemoryError, or the CPU allocator's error
+            if world_size > 1:
+                self._any_rank_failed(True)  # the others must not wait for this rank
             raise ConfigError(f"the {dataset.split} split ({resident_bytes(dataset) / 2**30:.1f} GiB) "
                               f"does not fit in the memory of {device}",
                               "set train.resident: false to stream it") from None
@@ -126,14 +128,14 @@ class ResidentSplit:
             self._any_rank_failed(True)  # the others must not wait for this rank's shards
             raise
         if self._any_rank_failed(False):
-            raise StoreError(f"another rank could not read its shards of the "
+            raise StoreError(f"another rank could not hold or read its shards of the "
                              f"{self.dataset.split} split", "see that rank's error")
         for k, (lo, hi) in enumerate(spans):
             dist.broadcast(self.steps[lo - self.first:hi - self.first], src=k % world_size)
 
     def _any_rank_failed(self, failed: bool) -> bool:
-        """Whether any rank failed to read its shards: a collective that every rank
-        calls once, before the broadcasts."""
+        """Whether any rank failed to allocate the split or read its shards: a
+        collective that every rank calls once, before the broadcasts."""
         flag = torch.tensor([float(failed)], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
