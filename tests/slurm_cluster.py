@@ -147,6 +147,17 @@ class SlurmCluster:
             time.sleep(0.5)
         raise TimeoutError(f"job {job_id} still {self.job_state(job_id).get('JobState')}")
 
+    def cancel_all(self, timeout: float = 120) -> None:
+        """Cancel every job and wait until none is left: a test that failed with its
+        job still running must not leave it training beside the next tests."""
+        self.run("scancel", "--user", "root", check=False)
+        deadline = time.monotonic() + timeout
+        while self.run("squeue", "-h", check=False).stdout.strip():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Slurm jobs left {timeout:.0f} s after scancel; logs in "
+                                   f"{self.root / 'log'}")
+            time.sleep(0.5)
+
     def stop(self) -> None:
         """Cancel jobs, then end each started daemon's process group (runuser's child too)."""
         self.run("scancel", "--user", "root", check=False)

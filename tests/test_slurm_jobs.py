@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,14 @@ from pipeline.train import checkpoint
 from tests.conftest import base_config, write_config
 
 pytestmark = [pytest.mark.slurm, pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(autouse=True)
+def _no_job_left_running(slurm_cluster: Any) -> Iterator[None]:
+    """A test that fails while its job runs (a job of a million steps, say) must not
+    leave it taking the CPUs of the tests after it."""
+    yield
+    slurm_cluster.cancel_all()
 
 
 def slurm_config(tmp: Path, raw: Path, **slurm: Any) -> dict[str, Any]:
@@ -117,7 +126,9 @@ def test_the_time_limit_signal_checkpoints_requeues_and_finishes(slurm_cluster, 
     deadline = time.monotonic() + 400
     while "requeued" not in (log_path.read_text() if log_path.exists() else ""):
         state = slurm_cluster.job_state(job)["JobState"]
-        assert state in ("PENDING", "RUNNING", "CONFIGURING"), (state, log_path.read_text())
+        # SIGNALING: running, while slurmd delivers the --signal
+        assert state in ("PENDING", "RUNNING", "CONFIGURING", "SIGNALING"), \
+            (state, log_path.read_text())
         assert time.monotonic() < deadline, "no requeue within 400 s"
         time.sleep(0.5)
     # Slurm holds a requeued job until the old credential expires (10 s here)

@@ -354,35 +354,46 @@ def test_ray_workers_read_with_reader_processes(tiny_store: Path, tmp_path: Path
                                [m["train_loss"] for m in metrics(ray_run.run_dir())], rtol=1e-6)
 
 
-def _kill_a_worker_when(run: Path, step: int, killed: list[int]) -> None:
+def _kill_a_worker_when(run: Path, step: int, killed: list[tuple[int, int]]) -> None:
+    """Kill a Ray Train worker once the metrics reach ``step``; note its pid and the
+    last step in the metrics then."""
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         path = run / "metrics.jsonl"
-        if path.exists() and any(json.loads(line)["step"] >= step
-                                 for line in path.read_text().splitlines()):
+        steps = [json.loads(line)["step"] for line in path.read_text().splitlines()] \
+            if path.exists() else []
+        if steps and max(steps) >= step:
             for proc in psutil.process_iter(["pid", "cmdline"]):
                 if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
                     os.kill(proc.info["pid"], signal.SIGKILL)
-                    killed.append(proc.info["pid"])
+                    killed.append((proc.info["pid"], max(steps)))
                     return
         time.sleep(0.2)
 
 
 def test_ray_restarts_a_killed_worker_from_the_latest_checkpoint(
         tiny_store: Path, tmp_path: Path, ray_session: None) -> None:
+    """A worker killed after step 20: Ray restarts the workers from the latest
+    checkpoint Ray has (the one of the last metrics line, or the one before if the
+    kill came before Ray took it in), and the run ends at its planned step."""
     from pipeline.train.trainer import train
 
     cfg = config(tiny_store, tmp_path, max_steps=150, workers=2, batch_size=4, max_failures=2)
-    killed: list[int] = []
+    killed: list[tuple[int, int]] = []
     killer = threading.Thread(target=_kill_a_worker_when, args=(cfg.run_dir(), 20, killed))
     killer.start()
     result = train(cfg)
     killer.join()
     assert killed, "no Ray Train worker was found to kill"
-    steps = [m["step"] for m in metrics(cfg.run_dir())]
-    assert result.metrics["step"] == 150 and steps[-1] == 150
-    restarted = [b for a, b in zip(steps, steps[1:], strict=False) if b <= a]
-    assert restarted, f"no step was repeated after the restart: {steps}"
+    seen = killed[0][1]  # the last step in the metrics when the worker was killed
+    lines = metrics(cfg.run_dir())
+    assert result.metrics["step"] == 150 and lines[-1]["step"] == 150
+    restarts = sorted({m["start_step"] for m in lines} - {0})
+    assert restarts, f"no restart in the metrics: {lines}"
+    every = cfg.train.checkpoint_every
+    assert restarts[0] % every == 0 and seen - every <= restarts[0] <= seen + every, (restarts, seen)
+    after = [m["step"] for m in lines if m["start_step"] == restarts[0]]
+    assert after[0] == restarts[0] + every  # it went on from its checkpoint
 
 
 # --------------------------------------------------------------------------- command line

@@ -274,6 +274,9 @@ class Trainer:
         self.sampler = BlockShuffleSampler(len(self.train_set), t.batch_size, rt.world_size,
                                            rt.rank, t.shuffle_block, t.seed)
         self.resumed_from = self._resume()
+        # the step this process started from: 0 in a fresh run, else its checkpoint's (in
+        # the metrics, so that a restart shows there even when no step is repeated)
+        self.start_step = self.progress.step
         self.model = rt.prepare_model(self.stepper)
         self.metrics_path = rt.run_dir / "metrics.jsonl"
         self.sinks = open_sinks(cfg, rt.run_dir) if rt.rank == 0 else []
@@ -505,7 +508,8 @@ class Trainer:
         t, p = self.cfg.train, self.progress
         steps = max(window["steps"], 1)
         metrics: dict[str, Any] = {
-            "step": p.step, "epoch": p.epoch, "lr": self.scheduler.get_last_lr()[0],
+            "step": p.step, "epoch": p.epoch, "start_step": self.start_step,
+            "lr": self.scheduler.get_last_lr()[0],
             "train_loss": self.rt.all_reduce([float(window["loss"]) / steps])[0] / self.rt.world_size,
             "samples_per_s": window["samples"] / max(window["total"], 1e-9),
             "data_wait_fraction": window["wait"] / max(window["total"], 1e-9),
