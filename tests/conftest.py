@@ -30,6 +30,34 @@ def tiny_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def _gloo_rank(rank: int, rendezvous: str, target: Callable[..., None], args: tuple) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    try:
+        target(rank, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_in_two_gloo_ranks(target: Callable[..., None], rendezvous: Path, *args: Any) -> None:
+    """``target(rank, *args)`` in two spawned processes that form a gloo group (ranks 0
+    and 1); fails if either hangs for two minutes or does not exit cleanly. ``target``
+    must be a module-level function (the processes import it)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    ranks = [ctx.Process(target=_gloo_rank, args=(r, str(rendezvous), target, args))
+             for r in range(2)]
+    for proc in ranks:
+        proc.start()
+    for proc in ranks:
+        proc.join(timeout=120)
+        if proc.exitcode is None:
+            proc.kill()
+        assert proc.exitcode == 0, "a rank hung or crashed"
+
+
 def base_config(raw: Path, store: Path, **data: Any) -> dict[str, Any]:
     """A config dict for the tiny demo data; ``data`` entries override data.* keys."""
     cfg: dict[str, Any] = {

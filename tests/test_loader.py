@@ -28,7 +28,7 @@ from pipeline.data.resident import ResidentLoader, ResidentSplit, fits_on, resid
 from pipeline.errors import ConfigError, StoreError
 from pipeline.train import checkpoint
 from pipeline.train.loop import local_runtime, train_loop
-from tests.conftest import train_config
+from tests.conftest import run_in_two_gloo_ranks, train_config
 
 pytestmark = pytest.mark.integration
 
@@ -247,13 +247,9 @@ def test_resident_split_of_a_damaged_store_fails_with_the_shard_named(tiny_store
     assert not [t for t in threading.enumerate() if t.name.startswith("pipeline-resident")]
 
 
-def _read_shared_split(rank: int, store: str, rendezvous: str, out: str,
-                       too_large_on: int) -> None:
-    """One of two gloo ranks in its own process: the train split read together (on rank
-    ``too_large_on``, one far too large for memory)."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+def _read_shared_split(rank: int, store: str, out: str, too_large_on: int) -> None:
+    """One of two gloo ranks: the train split read together (on rank ``too_large_on``,
+    one far too large for memory)."""
     try:
         ds = ForecastDataset(StoreInfo(store), "train", history=2, lead=1, rollout=2)
         if rank == too_large_on:
@@ -263,22 +259,11 @@ def _read_shared_split(rank: int, store: str, rendezvous: str, out: str,
         Path(f"{out}-{rank}.shards").write_text(str(split.shards_read))
     except (StoreError, ConfigError) as err:
         Path(f"{out}-{rank}.error").write_text(str(err))
-    finally:
-        dist.destroy_process_group()
 
 
 def read_split_in_two_ranks(store: Path, tmp_path: Path, too_large_on: int = -1) -> None:
-    """Run ``_read_shared_split`` in two spawned processes, to their end."""
-    ctx = mp.get_context("spawn")
-    ranks = [ctx.Process(target=_read_shared_split,
-                         args=(r, str(store), str(tmp_path / "rendezvous"), str(tmp_path / "rank"),
-                               too_large_on))
-             for r in range(2)]
-    for p in ranks:
-        p.start()
-    for p in ranks:
-        p.join(timeout=120)
-        assert p.exitcode == 0, "a rank hung or crashed"
+    run_in_two_gloo_ranks(_read_shared_split, tmp_path / "rendezvous", str(store),
+                          str(tmp_path / "rank"), too_large_on)
 
 
 def test_ranks_read_a_share_of_the_shards_and_broadcast_them(tiny_store: Path,

@@ -4,7 +4,6 @@ fault tolerance, checkpoints, and the command line."""
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import shutil
 import signal
@@ -34,7 +33,7 @@ from pipeline.train.loop import (
     train_loop,
 )
 from pipeline.train.models import area_weighted_mse
-from tests.conftest import run_cli, train_config, write_config
+from tests.conftest import run_cli, run_in_two_gloo_ranks, train_config, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -248,33 +247,19 @@ def test_reader_count(device: str, cpus: int, setting: object, expected: int) ->
     assert reader_count(train, torch.device(device)) == expected
 
 
-def _rank_collectives(rank: int, rendezvous: str, out: str) -> None:
-    """One of two gloo ranks in its own process: the Runtime's host collectives."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
-    try:
-        rt = Runtime(run_dir=Path(out).parent, rank=rank, world_size=2)
-        answers = {"sum": rt.all_reduce([1.0 + rank, 10.0 * rank]),
-                   "max": rt.all_reduce([float(rank)], op="max"),
-                   "both": rt.on_every_rank(True), "one": rt.on_every_rank(rank == 0)}
-        Path(f"{out}-{rank}.json").write_text(json.dumps(answers))
-    finally:
-        dist.destroy_process_group()
+def _rank_collectives(rank: int, out: str) -> None:
+    """One of two gloo ranks: the Runtime's host collectives."""
+    rt = Runtime(run_dir=Path(out).parent, rank=rank, world_size=2)
+    answers = {"sum": rt.all_reduce([1.0 + rank, 10.0 * rank]),
+               "max": rt.all_reduce([float(rank)], op="max"),
+               "both": rt.on_every_rank(True), "one": rt.on_every_rank(rank == 0)}
+    Path(f"{out}-{rank}.json").write_text(json.dumps(answers))
 
 
 def test_runtime_collectives_between_two_ranks(tmp_path: Path) -> None:
     """Sums, maxima and the all-ranks check (train.resident: auto keeps the splits in
     memory on all ranks or on none) through the Runtime's gloo group, two real ranks."""
-    ctx = mp.get_context("spawn")
-    ranks = [ctx.Process(target=_rank_collectives,
-                         args=(r, str(tmp_path / "rendezvous"), str(tmp_path / "rank")))
-             for r in range(2)]
-    for p in ranks:
-        p.start()
-    for p in ranks:
-        p.join(timeout=120)
-        assert p.exitcode == 0
+    run_in_two_gloo_ranks(_rank_collectives, tmp_path / "rendezvous", str(tmp_path / "rank"))
     for r in range(2):
         answers = json.loads((tmp_path / f"rank-{r}.json").read_text())
         assert answers == {"sum": [3.0, 10.0], "max": [1.0], "both": True, "one": False}
