@@ -64,7 +64,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.train.loop import PREEMPTED_EXIT_CODE
 
     cfg = load_config(args.config, args.overrides)
-    result = launch_train(cfg, address=args.address, dashboard=args.dashboard)
+    result = launch_train(cfg, address=args.address)
     if result.preempted:
         print(f"preempted at step {result.metrics.get('step')}; checkpoint saved in "
               f"{result.run_dir / 'checkpoints'} (run the same command to continue)")
@@ -226,10 +226,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="resume explicitly (the default whenever the run has a checkpoint)")
     p.add_argument("--address", default=None, help="join an existing Ray cluster (e.g. auto)")
-    p.add_argument("--dashboard", action="store_true",
-                   help="start Ray's dashboard with the local Ray instance (off by default: on "
-                   "a small machine it takes CPU time from the workers, up to 10%% of the "
-                   "step rate on 2 cores)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("inspect", help="summarise a training store")

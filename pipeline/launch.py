@@ -326,9 +326,8 @@ def requeue(alloc: Allocation) -> None:
         log.info("job %s requeued; it will resume from the checkpoint", alloc.job_id)
 
 
-def launch_train(cfg: Config, address: str | None = None, dashboard: bool = False) -> Any:
-    """Train where this process runs (see the module docstring); return the TrainResult.
-    ``dashboard``: start Ray's dashboard with a local Ray instance."""
+def launch_train(cfg: Config, address: str | None = None) -> Any:
+    """Train where this process runs (see the module docstring); return the TrainResult."""
     from pipeline.train.trainer import TrainResult, train
 
     # SIGUSR1 means "checkpoint and stop" while training runs (train() handles it); before
@@ -341,7 +340,7 @@ def launch_train(cfg: Config, address: str | None = None, dashboard: bool = Fals
             f", Slurm job {alloc.job_id} on {alloc.this_node}" if alloc else ", no Slurm job")
         log.info("%s: %d Ray Train workers, %d CPUs, GPUs: %s", where, cfg.train.workers,
                  os.cpu_count() or 1, "yes" if cfg.train.use_gpu else "no")
-        result = train(cfg, address=address, dashboard=dashboard)
+        result = train(cfg, address=address)
         if result.preempted and alloc is not None and not alloc.in_step:
             requeue(alloc)
         return result

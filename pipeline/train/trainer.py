@@ -120,12 +120,8 @@ def _user_error(err: BaseException) -> PipelineError | None:
     return None
 
 
-def train(cfg: Config, address: str | None = None, stop_at: int | None = None,
-          dashboard: bool = False) -> TrainResult:
-    """Train (or resume) the run with Ray Train; see the module docstring. Without an
-    ``address`` it starts a local Ray instance, without Ray's dashboard unless
-    ``dashboard``: on 2 cores the dashboard's processes cost the workers 3-10 % of their
-    step rate (docs/benchmarks.md)."""
+def train(cfg: Config, address: str | None = None, stop_at: int | None = None) -> TrainResult:
+    """Train (or resume) the run with Ray Train; see the module docstring."""
     cfg = absolute_config(cfg)
     run_dir = cfg.run_dir()
     stop_file = run_dir / STOP_FILE
@@ -143,14 +139,14 @@ def train(cfg: Config, address: str | None = None, stop_at: int | None = None,
 
     install()  # first: a preemption signal may come at any time
     try:
-        return _fit(cfg, address, stop_at, stop_file, install, dashboard)
+        return _fit(cfg, address, stop_at, stop_file, install)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
 def _fit(cfg: Config, address: str | None, stop_at: int | None, stop_file: Path,
-         install_handlers: Callable[[], None], dashboard: bool) -> TrainResult:
+         install_handlers: Callable[[], None]) -> TrainResult:
     preflight(cfg)
     run_dir = cfg.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -161,7 +157,7 @@ def _fit(cfg: Config, address: str | None, stop_at: int | None, stop_file: Path,
     from ray.train.torch import TorchTrainer
 
     if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True, include_dashboard=dashboard,
+        ray.init(address=address, log_to_driver=True,
                  **({} if address else {"num_cpus": max(os.cpu_count() or 1,
                                                         cfg.train.workers * cfg.train.cpus_per_worker)}))
         install_handlers()  # again: ray.init installs its own SIGTERM handler in the driver
