@@ -104,6 +104,10 @@ class ResidentSplit:
     def nbytes(self) -> int:
         return self.steps.numel() * self.steps.element_size()
 
+    def _rows(self, span: tuple[int, int]) -> torch.Tensor:
+        """The steps of the time indices ``[lo, hi)``: a view of ``self.steps``."""
+        return self.steps[span[0] - self.first:span[1] - self.first]
+
     def _spans(self) -> list[tuple[int, int]]:
         """The steps' time indices ``[lo, hi)`` cut at the shard files' bounds."""
         ds, n = self.dataset, self.steps.shape[0]
@@ -130,8 +134,8 @@ class ResidentSplit:
         if self._any_rank_failed(False):
             raise StoreError(f"another rank could not hold or read its shards of the "
                              f"{self.dataset.split} split", "see that rank's error")
-        for k, (lo, hi) in enumerate(spans):
-            dist.broadcast(self.steps[lo - self.first:hi - self.first], src=k % world_size)
+        for k, span in enumerate(spans):
+            dist.broadcast(self._rows(span), src=k % world_size)
 
     def _any_rank_failed(self, failed: bool) -> bool:
         """Whether any rank failed to allocate the split or read its shards: a
@@ -164,7 +168,7 @@ class ResidentSplit:
     def _place(self, span: tuple[int, int], values: np.ndarray) -> None:
         """Put a span's raw steps in place (on the CPU they were read there) and
         normalise them."""
-        rows = self.steps[span[0] - self.first:span[1] - self.first]
+        rows = self._rows(span)
         if self.device.type != "cpu":
             rows.copy_(torch.from_numpy(values))
         self.dataset.normalise_(rows)

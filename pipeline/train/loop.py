@@ -121,12 +121,17 @@ class Runtime:
     # a gloo group for the host values (all_reduce), whatever the default group's backend
     _host_group: Any = field(default=None, init=False, repr=False)
 
+    @property
+    def in_group(self) -> bool:
+        """Whether this process is one rank of several in a torch.distributed group."""
+        return self.world_size > 1 and dist.is_initialized()
+
     def all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
         """Sum (or max) floats over ranks; identity in one process. The values live on
         the host, so they go through gloo: with NCCL they would be copied to the GPU and
         back, and the copy back waits for every kernel queued before it (the stop flag
         is reduced after every step)."""
-        if self.world_size == 1 or not dist.is_initialized():
+        if not self.in_group:
             return values
         if self._host_group is None:  # every rank gets here first, at the same call
             self._host_group = dist.new_group(backend="gloo")
@@ -235,6 +240,28 @@ def check_compatible(meta: dict[str, Any], info: StoreInfo, where: Path,
 
 
 # --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class Window:
+    """The steps of one report: seconds spent asking the loader for batches, samples,
+    steps and the summed loss (on the device, so that adding to it does not wait for
+    the step), from ``start``."""
+
+    start: float = field(default_factory=time.perf_counter)
+    wait: float = 0.0
+    samples: int = 0
+    steps: int = 0
+    loss_sum: torch.Tensor | float = 0.0
+
+    def elapsed(self) -> float:
+        return max(time.perf_counter() - self.start, 1e-9)
+
+    def close(self) -> tuple[float, float]:
+        """(mean loss, seconds): reading the loss waits for the queued steps, so the
+        seconds, taken after it, are the device's."""
+        loss = float(self.loss_sum) / max(self.steps, 1)
+        return loss, self.elapsed()
 
 
 @dataclass
@@ -422,7 +449,7 @@ class Trainer:
         workers, backend = reader_count(t, self.rt.device), self.loader_backend()
         if self.keeps_resident():
             # the ranks share the reads (each reads every world_size-th shard)
-            ranks = (self.rt.rank, self.rt.world_size) if dist.is_initialized() else (0, 1)
+            ranks = (self.rt.rank, self.rt.world_size) if self.rt.in_group else (0, 1)
             split = ResidentSplit(self.train_set, self.rt.device, workers, *ranks)
             self.val_split = ResidentSplit(self.val_set, self.rt.device, workers, *ranks)
             if self.rt.rank == 0:
@@ -458,7 +485,7 @@ class Trainer:
     def _run(self, loader: DataLoader | BatchLoader | ResidentLoader) -> dict[str, Any]:
         t, p = self.cfg.train, self.progress
         last: dict[str, Any] = {}
-        window = _fresh_window()
+        window = Window()
         self.progress_file = ProgressWriter(self.rt.run_dir, t.max_steps) \
             if self.rt.rank == 0 else None
         stop = p.step >= t.max_steps
@@ -468,23 +495,20 @@ class Trainer:
             # asking for the next batch hands the previous one's buffer back to the
             # batch loader: nothing may hold on to a batch past its step
             for sample in loader:
-                window["wait"] += time.perf_counter() - asked  # waiting for data
+                window.wait += time.perf_counter() - asked  # waiting for data
                 loss = self.train_step(Batch.to(sample, self.rt.device))
                 p.step += 1
                 p.batch_in_epoch += 1
-                window["samples"] += t.batch_size * self.rt.world_size
-                window["loss"] += loss.double()  # on the device: no wait for the step
-                window["steps"] += 1
+                window.samples += t.batch_size * self.rt.world_size
+                window.loss_sum += loss.double()
+                window.steps += 1
                 stop = self._should_stop()
                 if self.progress_file is not None:
-                    self.progress_file.update(p.step, loss, window["samples"] /
-                                              max(time.perf_counter() - window["start"], 1e-9),
+                    self.progress_file.update(p.step, loss, window.samples / window.elapsed(),
                                               force=stop)
                 if p.step % t.val_every == 0 or p.step % t.checkpoint_every == 0 or stop:
-                    window["loss"] = float(window["loss"])  # waits for the queued steps
-                    window["total"] = time.perf_counter() - window["start"]
                     last = self._evaluate_and_save(window, stop)
-                    window = _fresh_window()  # validation and saving are not in it
+                    window = Window()  # validation and saving are not in it
                     stop = stop or self._early_stop()
                 if stop:
                     break
@@ -504,15 +528,15 @@ class Trainer:
         patience = self.cfg.train.early_stopping_patience
         return patience is not None and self.progress.evals_without_improvement >= patience
 
-    def _evaluate_and_save(self, window: dict[str, Any], stopping: bool) -> dict[str, Any]:
+    def _evaluate_and_save(self, window: Window, stopping: bool) -> dict[str, Any]:
         t, p = self.cfg.train, self.progress
-        steps = max(window["steps"], 1)
+        loss, seconds = window.close()
         metrics: dict[str, Any] = {
             "step": p.step, "epoch": p.epoch, "start_step": self.start_step,
             "lr": self.scheduler.get_last_lr()[0],
-            "train_loss": self.rt.all_reduce([float(window["loss"]) / steps])[0] / self.rt.world_size,
-            "samples_per_s": window["samples"] / max(window["total"], 1e-9),
-            "data_wait_fraction": window["wait"] / max(window["total"], 1e-9),
+            "train_loss": self.rt.all_reduce([loss])[0] / self.rt.world_size,
+            "samples_per_s": window.samples / seconds,
+            "data_wait_fraction": window.wait / seconds,
             "memory_mb": memory_mb(self.rt.device),
         }
         improved = False
@@ -546,15 +570,6 @@ class Trainer:
     def close(self, failed: bool = False) -> None:
         for sink in self.sinks:
             sink.close(failed)
-
-
-def _fresh_window() -> dict[str, Any]:
-    """What is summed over the steps of a report: seconds spent asking the loader for
-    batches, samples, loss (a tensor on the device after the first step), steps; and
-    when the window started (its ``total`` seconds are set when it is reported, once
-    the queued steps have run, so that the rates are those of the device)."""
-    return {"start": time.perf_counter(), "wait": 0.0, "total": 0.0, "samples": 0,
-            "loss": 0.0, "steps": 0}
 
 
 def train_loop(cfg: Config, rt: Runtime, stop_at: int | None = None) -> dict[str, Any]:
