@@ -8,6 +8,7 @@ functions so that ``pipeline --help`` and the Slurm commands stay light on login
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Callable
@@ -76,6 +77,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"trained {result.run_dir} to step {result.metrics.get('step')}"
           + (f", val loss {val:.4f} (persistence {result.metrics['val_loss_persistence']:.4f})"
              if val is not None else ""))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.plan import resolve_plan
+
+    plan = resolve_plan(load_config(args.config, args.overrides), address=args.address)
+    if args.json:
+        print(json.dumps(plan.to_json(), indent=2))
+        return 0
+    print("\n".join(plan.lines() + [f"warning: {w}" for w in plan.warnings]))
     return 0
 
 
@@ -216,17 +229,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_preprocess)
 
     p = sub.add_parser("train", help="train with Ray Train; resumes the run if it exists",
-                       description="Train data-parallel with Ray Train on train.workers workers. "
+                       description="Train data-parallel with Ray Train. "
                        "Running it again resumes from the latest valid checkpoint. SIGTERM or "
-                       "SIGUSR1 checkpoints and exits with code 75 (requeue). Inside a multi-node "
-                       "Slurm job it starts one Ray node per Slurm node (head here, the others "
-                       "through srun), with one worker per GPU or per node, and requeues the job "
-                       "after a preemption signal (docs/cluster.md).")
+                       "SIGUSR1 checkpoints and exits with code 75 (requeue). Inside a Slurm job "
+                       "(one node or several) it starts one Ray node per Slurm node with the "
+                       "allocation's CPUs and GPUs (head here, the others through srun), one "
+                       "worker per GPU or per cpus_per_worker CPUs, and requeues the job after "
+                       "a preemption signal; `pipeline plan` shows what it will do "
+                       "(docs/cluster.md).")
     _add_config(p)
     p.add_argument("--resume", action="store_true",
                    help="resume explicitly (the default whenever the run has a checkpoint)")
     p.add_argument("--address", default=None, help="join an existing Ray cluster (e.g. auto)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plan", help="print the execution plan of `pipeline train` here, "
+                       "starting nothing",
+                       description="Resolve the execution plan for where this runs (no Slurm "
+                       "job, or the Slurm allocation in the environment: run it inside salloc or "
+                       "a job to see what the job will do): nodes, Ray Train workers, CPUs and "
+                       "GPUs per worker, precision, loader and readers, resident splits, the "
+                       "Ray resources, ports and temp dir. Imports no torch or Ray.")
+    _add_config(p)
+    p.add_argument("--address", default=None, help="plan for joining this Ray cluster")
+    p.add_argument("--json", action="store_true", help="the plan as JSON (as in <run>/plan.json)")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("inspect", help="summarise a training store")
     p.add_argument("store")

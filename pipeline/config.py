@@ -180,13 +180,6 @@ class Model(Section):
     predict_tendency: bool = Field(True, description="Predict the normalised change, not the state.")
 
 
-def auto_gpu_readers(cpus: int) -> int:
-    """``train.loader_workers: auto`` for a GPU worker with ``cpus`` CPUs: all but the one
-    it trains on, at least 1 so that reads overlap the step, at most 8 (past which
-    reading stopped scaling on the H100 machine; docs/benchmarks.md)."""
-    return min(8, max(1, cpus - 1))
-
-
 class Train(Section):
     """Training loop, Ray scaling and checkpointing."""
 
@@ -218,7 +211,7 @@ class Train(Section):
     loader: Literal["auto", "threads", "processes", "dataloader"] = Field(
         "auto", description="How batches are read: by reader 'threads' in the training "
         "process or reader 'processes', both filling reused (pinned) batch buffers, or by "
-        "torch 'dataloader' worker processes; 'auto': processes (see Trainer.loader_backend).")
+        "torch 'dataloader' worker processes; 'auto': processes (pipeline.plan).")
     loader_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
         "auto", description="Reader threads or processes, as train.loader says; 0 reads in "
         "the training thread. auto: on a GPU cpus_per_worker - 1 (at least 1, at most 8), "

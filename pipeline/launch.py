@@ -1,25 +1,29 @@
-"""Where training runs: a laptop, one Slurm node, or a multi-node Slurm allocation.
+"""Where training runs: a laptop, an existing Ray cluster, or a Slurm allocation.
 
-``launch_train(cfg)`` is what ``pipeline train`` calls. It reads the Slurm environment
-when there is one and otherwise trains locally, so the same command works on a laptop,
-under ``sbatch`` and under ``srun``:
+``launch_train(cfg)`` is what ``pipeline train`` calls. It resolves the execution plan
+(``pipeline.plan``: workers, devices, Ray resources, ports) once, logs it, and carries
+it out, so the same command works on a laptop, under ``sbatch`` and under ``srun``:
 
-- no Slurm, or a one-node allocation: a local Ray cluster (``train.workers`` workers);
-- an ``sbatch`` job on N nodes (the batch script runs on the first node): this process
-  starts the Ray head here and one Ray worker node on each other node through ``srun``,
-  waits until every node has joined, prints what it found, and drives the training;
+- no Slurm job: a local Ray instance (``ray.init``) with the plan's CPUs;
+- ``--address``: join that Ray cluster;
+- a Slurm job, on one node or N: this process starts the Ray head here with the
+  allocation's CPUs and GPUs, and one Ray worker node on each other node through
+  ``srun``, waits until every node has joined, prints what it found, and drives the
+  training; one node is the case N = 1;
 - an ``srun`` step with one task per node: task 0 does the same without ``srun``ing
   workers, the other tasks become the Ray worker nodes.
 
-Each job gets its own block of ports (from the job id) and a node-local Ray temp dir,
-so several jobs and users can share nodes; a random per-job token authenticates the
-Ray nodes to each other. A SIGUSR1 (``--signal`` before the time limit) or SIGTERM
-makes training checkpoint and stop; under Slurm the job is then requeued and the
-requeued job resumes the same run. Imports no ray or torch at module level.
+Each Slurm job gets a free block of ports (tried from the job id on) and a node-local
+Ray temp dir, so several jobs and users can share nodes; a random per-job token
+authenticates the Ray nodes to each other. A SIGUSR1 (``--signal`` before the time
+limit) or SIGTERM makes training checkpoint and stop; under Slurm the job is then
+requeued and the requeued job resumes the same run. Imports no ray or torch at module
+level.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -30,97 +34,28 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config, auto_gpu_readers
+from pipeline.config import Config
 from pipeline.errors import PipelineError
+from pipeline.plan import (
+    Allocation,
+    ExecutionPlan,
+    detect,
+    free_block,
+    ray_ports,
+    ray_temp_dir,
+    resolve_plan,
+)
 
 log = logging.getLogger(__name__)
 
-PORTS_PER_JOB = 500
-PORTS_PER_NODE = 125  # four nodes of one job may share a host (test clusters)
-JOB_SLOTS = 80  # 20000 + 80 * 500 stays below 60000
+HEAD_ONLY_PORTS = ("port", "ray-client-server-port", "dashboard-port")
 
 
 class LaunchError(PipelineError):
     """The Ray cluster of a Slurm job could not be started."""
-
-
-@dataclass(frozen=True)
-class Allocation:
-    """What training needs from the Slurm environment."""
-
-    job_id: str
-    nodes: tuple[str, ...]
-    this_node: str
-    cpus_per_task: int
-    gpus_per_node: int
-    in_step: bool  # inside an srun step rather than the batch script
-    proc_id: int
-    n_tasks: int
-    tmp_root: str
-
-    @property
-    def multi_node(self) -> bool:
-        return len(self.nodes) > 1
-
-    def slot(self, node: str) -> int:
-        return self.nodes.index(node) if node in self.nodes else 0
-
-
-def _expand_nodelist(nodelist: str) -> tuple[str, ...]:
-    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
-                         text=True, check=True, timeout=30)
-    return tuple(out.stdout.split())
-
-
-def _gpus(environ: Mapping[str, str]) -> int:
-    for key in ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE"):
-        value = environ.get(key, "")
-        match = re.search(r"(\d+)$", value)
-        if match:
-            return int(match.group(1))
-    return 0
-
-
-def detect(environ: Mapping[str, str] = os.environ,
-           expand: Callable[[str], tuple[str, ...]] = _expand_nodelist) -> Allocation | None:
-    """The Slurm allocation this process runs in, or None outside Slurm."""
-    job_id = environ.get("SLURM_JOB_ID")
-    nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
-    if not job_id or not nodelist:
-        return None
-    in_step = environ.get("SLURM_STEP_ID", "batch") not in ("batch", "extern", "")
-    nodes = expand(nodelist)  # the job's nodes: slots and ports derive from them
-    return Allocation(
-        job_id=job_id, nodes=nodes,
-        this_node=environ.get("SLURMD_NODENAME", nodes[0]),
-        cpus_per_task=int(environ.get("SLURM_CPUS_PER_TASK", "1")),
-        gpus_per_node=_gpus(environ),
-        in_step=in_step,
-        proc_id=int(environ.get("SLURM_PROCID", "0")) if in_step else 0,
-        n_tasks=int(environ.get("SLURM_NTASKS", "1")) if in_step else 1,
-        tmp_root=environ.get("SLURM_TMPDIR") or environ.get("TMPDIR") or "/tmp",
-    )
-
-
-# --------------------------------------------------------------------------- Ray nodes
-
-
-def ray_ports(port_base: int, job_id: str, slot: int) -> dict[str, int]:
-    """This node's Ray ports: a block per job (from its id), a sub-block per node."""
-    job = int(re.sub(r"\D", "", job_id) or 0)
-    base = port_base + (job % JOB_SLOTS) * PORTS_PER_JOB + (slot % 4) * PORTS_PER_NODE
-    names = ("port", "ray-client-server-port", "dashboard-port", "node-manager-port",
-             "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-             "runtime-env-agent-port", "metrics-export-port")
-    ports = {name: base + i for i, name in enumerate(names)}
-    ports["min-worker-port"] = base + 10
-    ports["max-worker-port"] = base + PORTS_PER_NODE - 1
-    return ports
 
 
 def node_resource(node: str) -> str:
@@ -150,77 +85,82 @@ def ray_executable() -> list[str]:
     return [found] if found else [sys.executable, "-m", "ray.scripts.scripts"]
 
 
-def ray_start_command(alloc: Allocation, node: str, port_base: int, head_address: str | None,
-                      node_ip: str) -> list[str]:
-    """``ray start --block`` for the Ray node on Slurm node ``node`` (head if no address)."""
-    ports = ray_ports(port_base, alloc.job_id, alloc.slot(node))
+def ray_start_command(alloc: Allocation, node: str, ports: dict[str, int],
+                      head_address: str | None, node_ip: str) -> list[str]:
+    """``ray start --block`` for the Ray node on Slurm node ``node`` (the head if no
+    ``head_address``), with the allocation's CPUs and GPUs, not the machine's."""
     head = head_address is None
-    keep = ports if head else {k: v for k, v in ports.items()
-                               if k not in ("port", "ray-client-server-port", "dashboard-port")}
+    keep = ports if head else {k: v for k, v in ports.items() if k not in HEAD_ONLY_PORTS}
     cmd = [*ray_executable(), "start", "--block", "--disable-usage-stats",
-           f"--node-ip-address={node_ip}", f"--num-cpus={alloc.cpus_per_task}",
+           f"--node-ip-address={node_ip}", f"--num-cpus={alloc.cpus_per_node}",
            f"--num-gpus={alloc.gpus_per_node}",
            f'--resources={{"{node_resource(node)}": 1}}',
-           f"--temp-dir={Path(alloc.tmp_root) / f'ray-{alloc.job_id}-{alloc.slot(node)}'}"]
+           f"--temp-dir={ray_temp_dir(alloc, node)}"]
     cmd += ["--head"] if head else [f"--address={head_address}"]
     cmd += [f"--{name}={port}" for name, port in keep.items()]
     return cmd
 
 
-def token_file(run_dir: Path, job_id: str) -> Path:
-    """Where the tasks of an srun step share their job's Ray token (readable by the user only)."""
-    return run_dir / f".ray-token-{job_id}"
+def rendezvous_file(run_dir: Path, alloc: Allocation, environ: dict[str, str]) -> Path:
+    """Where task 0 of an srun step tells the other tasks the head's address and the
+    job's Ray token (a 0600 file on the shared run directory): one per job, step and
+    restart, so that no task reads a file an earlier step left behind."""
+    step = environ.get("SLURM_STEP_ID", "0")
+    restart = environ.get("SLURM_RESTART_COUNT", "0")
+    return run_dir / f".ray-{alloc.job_id}.{step}.{restart}.json"
 
 
-def job_environment(shared: Path | None = None, create: bool = True) -> dict[str, str]:
-    """Environment for this job's Ray processes, with a random per-job token.
+def share_rendezvous(path: Path, token: str, head: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"token": token, "head": head}, f)
+    tmp.rename(path)
 
-    The token is inherited from the batch script when set; tasks of one srun step, which
-    cannot inherit it from each other, share it through ``shared`` (a 0600 file on the
-    shared run directory): task 0 ``create``s it, the others wait for it.
-    """
-    env = dict(os.environ)
-    env["RAY_AUTH_MODE"] = "token"
-    if "RAY_AUTH_TOKEN" in env:
-        return env
-    if shared is None:
-        env["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
-    elif create:
-        env["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
-        shared.parent.mkdir(parents=True, exist_ok=True)
-        tmp = shared.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(env["RAY_AUTH_TOKEN"])
-        tmp.rename(shared)
-    else:
-        deadline = time.monotonic() + 120
-        while not shared.exists():
-            if time.monotonic() > deadline:
-                raise LaunchError(f"no Ray token from task 0 at {shared}",
-                                  "the run directory must be on storage shared by all nodes")
-            time.sleep(0.5)
-        env["RAY_AUTH_TOKEN"] = shared.read_text().strip()
-    return env
+
+def wait_for_rendezvous(path: Path, timeout: float = 120) -> tuple[str, str]:
+    """(token, head address) from task 0's :func:`share_rendezvous`."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise LaunchError(f"no Ray head address from task 0 at {path} after {timeout:.0f} s",
+                              "the run directory must be on storage shared by all nodes")
+        time.sleep(0.5)
+    data = json.loads(path.read_text())
+    return data["token"], data["head"]
+
+
+def with_token(token: str) -> dict[str, str]:
+    """This process's environment for the job's Ray processes: token authentication
+    with the job's own token."""
+    return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
 
 
 class RayCluster:
-    """The Ray head on this node plus worker nodes on the others (``srun`` when asked)."""
+    """The Ray head on this node plus worker nodes on the others (``srun`` when asked),
+    as the plan says: its ports, the allocation's CPUs and GPUs, its temp dir."""
 
-    def __init__(self, alloc: Allocation, cfg: Config, srun_workers: bool):
-        self.alloc, self.cfg, self.srun_workers = alloc, cfg, srun_workers
-        self.address = head_address(alloc, cfg.slurm.port_base)  # what the workers compute
-        self.head_ip = self.address.rsplit(":", 1)[0]
+    def __init__(self, plan: ExecutionPlan, cfg: Config, srun_workers: bool):
+        assert plan.allocation is not None and plan.ports is not None
+        self.alloc, self.plan, self.cfg, self.srun_workers = plan.allocation, plan, cfg, srun_workers
+        # one node: the head listens on loopback only; several: on the node's address
+        self.head_ip = node_address(self.alloc.this_node) if self.alloc.multi_node \
+            else "127.0.0.1"
+        self.address = f"{self.head_ip}:{plan.ports['port']}"
         self.processes: list[subprocess.Popen] = []
-        self.token_path = token_file(cfg.run_dir(), alloc.job_id)
+        self.rendezvous = rendezvous_file(cfg.run_dir(), self.alloc, dict(os.environ)) \
+            if self.alloc.in_step else None
 
     def start(self) -> None:
-        shared = self.token_path if self.alloc.in_step else None
-        os.environ.update(job_environment(shared))  # the driver and srun steps inherit it
-        head = ray_start_command(self.alloc, self.alloc.this_node, self.cfg.slurm.port_base,
+        token = os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(32)
+        os.environ.update(with_token(token))  # the driver and the srun steps inherit it
+        head = ray_start_command(self.alloc, self.alloc.this_node, self.plan.ports or {},
                                  None, self.head_ip)
         log.info("starting the Ray head on %s (%s)", self.alloc.this_node, self.address)
         self.processes.append(subprocess.Popen(head, start_new_session=True))
+        if self.rendezvous is not None:
+            share_rendezvous(self.rendezvous, token, self.address)
         others = [n for n in self.alloc.nodes if n != self.alloc.this_node]
         if self.srun_workers and others:
             log.info("starting Ray workers on %s through srun", ",".join(others))
@@ -282,7 +222,8 @@ class RayCluster:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-        self.token_path.unlink(missing_ok=True)
+        if self.rendezvous is not None:
+            self.rendezvous.unlink(missing_ok=True)
 
 
 def describe_cluster() -> None:
@@ -304,18 +245,6 @@ def describe_cluster() -> None:
 # --------------------------------------------------------------------------- training
 
 
-def resources_overrides(cfg: Config, alloc: Allocation) -> Config:
-    """Workers and GPU use from the allocation: one worker per GPU, else per node. With
-    GPUs and ``train.loader_workers: auto``, each worker's readers come from its share of
-    the node's CPUs (``config.auto_gpu_readers``)."""
-    gpus = alloc.gpus_per_node
-    per_node = gpus if gpus > 0 else max(1, alloc.cpus_per_task // cfg.train.cpus_per_worker)
-    update: dict[str, Any] = {"workers": per_node * len(alloc.nodes), "use_gpu": gpus > 0}
-    if gpus > 0 and cfg.train.loader_workers == "auto":
-        update["loader_workers"] = auto_gpu_readers(alloc.cpus_per_task // gpus)
-    return cfg.model_copy(update={"train": cfg.train.model_copy(update=update)})
-
-
 def requeue(alloc: Allocation) -> None:
     """Put this job back in the queue; the requeued job resumes from the checkpoint."""
     out = subprocess.run(["scontrol", "requeue", alloc.job_id], capture_output=True, text=True,
@@ -326,6 +255,14 @@ def requeue(alloc: Allocation) -> None:
         log.info("job %s requeued; it will resume from the checkpoint", alloc.job_id)
 
 
+def log_plan(plan: ExecutionPlan) -> None:
+    """The plan, once, as one block of lines; a warning line for each disagreement."""
+    for line in plan.lines():
+        log.info("%s", line)
+    for warning in plan.warnings:
+        log.warning("%s", warning)
+
+
 def launch_train(cfg: Config, address: str | None = None) -> Any:
     """Train where this process runs (see the module docstring); return the TrainResult."""
     from pipeline.train.trainer import TrainResult, train
@@ -334,33 +271,28 @@ def launch_train(cfg: Config, address: str | None = None) -> Any:
     # and after, e.g. a time-limit warning that comes once training has finished, there is
     # nothing to stop, and its default action would kill a job that succeeded.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    alloc = detect()
-    if alloc is None or address is not None or not alloc.multi_node:
-        where = (f"Ray cluster at {address}" if address else "local Ray") + (
-            f", Slurm job {alloc.job_id} on {alloc.this_node}" if alloc else ", no Slurm job")
-        log.info("%s: %d Ray Train workers, %d CPUs, GPUs: %s", where, cfg.train.workers,
-                 os.cpu_count() or 1, "yes" if cfg.train.use_gpu else "no")
-        result = train(cfg, address=address)
+    plan = resolve_plan(cfg, address=address)
+    alloc = plan.allocation
+    if alloc is not None and alloc.in_step and alloc.proc_id > 0:
+        # a Ray worker node until the head goes away; task 0 logs the plan and trains
+        token, head = wait_for_rendezvous(rendezvous_file(cfg.run_dir(), alloc,
+                                                          dict(os.environ)))
+        run_worker(alloc, cfg.slurm.port_base, head, token, replace=False)
+        return TrainResult(run_dir=cfg.run_dir(), metrics={}, preempted=False)
+    log_plan(plan)
+    if plan.ray_start != "cluster":
+        result = train(cfg, plan, address=address)
         if result.preempted and alloc is not None and not alloc.in_step:
             requeue(alloc)
         return result
-    if alloc.in_step and alloc.proc_id > 0:
-        # a Ray worker node until the head goes away; task 0 reports the training
-        run_worker(alloc, cfg.slurm.port_base, head_address(alloc, cfg.slurm.port_base),
-                   replace=False, token=token_file(cfg.run_dir(), alloc.job_id))
-        return TrainResult(run_dir=cfg.run_dir(), metrics={}, preempted=False)
-    cfg = resources_overrides(cfg, alloc)
-    log.info("Slurm job %s: %d nodes (%s), %d CPUs and %d GPUs per node -> %d Ray Train "
-             "workers, loader workers %s", alloc.job_id, len(alloc.nodes), ",".join(alloc.nodes),
-             alloc.cpus_per_task, alloc.gpus_per_node, cfg.train.workers,
-             cfg.train.loader_workers)
+    assert alloc is not None
     early: list[int] = []  # a signal before training starts: stop right after start-up
 
     def note(signum: int, _frame: Any) -> None:
         early.append(signum)
 
     previous = {sig: signal.signal(sig, note) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    cluster = RayCluster(alloc, cfg, srun_workers=not alloc.in_step)
+    cluster = RayCluster(plan, cfg, srun_workers=not alloc.in_step)
     try:
         cluster.start()
         for sig in previous:  # ray.init replaced the SIGTERM handler
@@ -369,7 +301,7 @@ def launch_train(cfg: Config, address: str | None = None) -> Any:
             log.warning("signal %d during start-up: not training, requeueing", early[0])
             result = TrainResult(run_dir=cfg.run_dir(), metrics={}, preempted=True)
         else:
-            result = train(cfg, address=cluster.address)
+            result = train(cfg, plan, address=cluster.address)
     finally:
         cluster.stop()
         for sig, handler in previous.items():
@@ -379,20 +311,16 @@ def launch_train(cfg: Config, address: str | None = None) -> Any:
     return result
 
 
-def head_address(alloc: Allocation, port_base: int) -> str:
-    """The Ray head's address: the job's first node, its first port."""
-    port = ray_ports(port_base, alloc.job_id, 0)["port"]
-    return f"{node_address(alloc.nodes[0])}:{port}"
-
-
-def run_worker(alloc: Allocation, port_base: int, head: str, replace: bool = True,
-               token: Path | None = None) -> None:
+def run_worker(alloc: Allocation, port_base: int, head: str, token: str,
+               replace: bool = True) -> None:
     """Run the Ray worker node of this Slurm node until the cluster stops: in place of
     this process (``replace``; an srun step the head ends), or as a child whose exit,
-    when the head has gone, is the normal end of an srun task."""
-    env = job_environment(token, create=False)
-    cmd = ray_start_command(alloc, alloc.this_node, port_base, head,
-                            node_address(alloc.this_node))
+    when the head has gone, is the normal end of an srun task. Its ports are the first
+    free block on this node, from the job's own on (only the head's must be known)."""
+    env = with_token(token)
+    slot = alloc.slot(alloc.this_node)
+    ports = ray_ports(port_base, free_block(port_base, alloc.job_id, slot), slot)
+    cmd = ray_start_command(alloc, alloc.this_node, ports, head, node_address(alloc.this_node))
     deadline = time.monotonic() + 120
     while True:  # the head may still be starting: retry until it answers
         host, port = head.rsplit(":", 1)
@@ -426,7 +354,12 @@ def main(argv: list[str] | None = None) -> int:
     if alloc is None:
         print("error: not inside a Slurm job (run through srun)", file=sys.stderr)
         return 2
-    run_worker(alloc, args.port_base, args.head)
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    if not token:
+        print("error: no RAY_AUTH_TOKEN (start workers through the job's pipeline train)",
+              file=sys.stderr)
+        return 2
+    run_worker(alloc, args.port_base, args.head, token)
     return 0
 
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 import zarr
 
-from pipeline.config import Train, config_from_dict
+from pipeline.config import config_from_dict
 from pipeline.data.resident import ResidentSplit
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.train import checkpoint
@@ -29,7 +29,6 @@ from pipeline.train.loop import (
     Trainer,
     local_runtime,
     rank_share,
-    reader_count,
     train_loop,
 )
 from pipeline.train.models import area_weighted_mse
@@ -237,14 +236,6 @@ def test_batched_validation_equals_the_per_sample_means(tiny_store: Path, tmp_pa
     # the val split kept in memory (train.resident): the same batches, the same metrics
     trainer.val_split = ResidentSplit(val, torch.device("cpu"))
     assert trainer.validate() == got
-
-
-@pytest.mark.parametrize(("device", "cpus", "setting", "expected"), [
-    ("cpu", 16, "auto", 0), ("cuda", 1, "auto", 1), ("cuda", 6, "auto", 5),
-    ("cuda", 32, "auto", 8), ("cuda", 32, 3, 3), ("cpu", 1, 2, 2)])
-def test_reader_count(device: str, cpus: int, setting: object, expected: int) -> None:
-    train = Train(loader_workers=setting, cpus_per_worker=cpus)
-    assert reader_count(train, torch.device(device)) == expected
 
 
 def _rank_collectives(rank: int, out: str) -> None:

@@ -26,12 +26,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from pipeline.config import Config, auto_gpu_readers, config_hash, resolved_dict
-from pipeline.config import Train as TrainSection
+from pipeline.config import Config, config_hash, resolved_dict
 from pipeline.data.batches import BatchLoader
 from pipeline.data.loader import BlockShuffleSampler, ForecastDataset, StoreInfo
 from pipeline.data.resident import ResidentLoader, ResidentSplit, fits_on, resident_bytes
 from pipeline.errors import CheckpointError
+from pipeline.plan import ExecutionPlan, local_plan
 from pipeline.train import checkpoint
 from pipeline.train.models import area_weighted_mse, build_model
 from pipeline.train.progress import ProgressWriter
@@ -105,7 +105,8 @@ def build_stepper(cfg: Config, info: StoreInfo) -> Stepper:
 
 @dataclass
 class Runtime:
-    """How the loop talks to where it runs (one process, or one Ray Train worker)."""
+    """How the loop talks to where it runs (one process, or one Ray Train worker), and
+    the execution plan it follows (readers, loader, precision, resident splits)."""
 
     run_dir: Path
     rank: int = 0
@@ -117,6 +118,7 @@ class Runtime:
     save: Callable[[int, dict[str, Any] | None, dict[str, Any], dict[str, Any]], Path | None] = None  # type: ignore[assignment]
     resume_candidates: Callable[[], list[Path]] = lambda: []
     stop_requested: Callable[[], bool] = lambda: False
+    plan: ExecutionPlan | None = None  # None: the config's own settings (local_plan)
 
     # a gloo group for the host values (all_reduce), whatever the default group's backend
     _host_group: Any = field(default=None, init=False, repr=False)
@@ -145,9 +147,11 @@ class Runtime:
         return self.all_reduce([float(not flag)], op="max")[0] == 0.0
 
 
-def local_runtime(cfg: Config) -> Runtime:
+def local_runtime(cfg: Config, plan: ExecutionPlan | None = None) -> Runtime:
     """Run in this process: checkpoints go straight to ``<run>/checkpoints/``; SIGTERM or
-    SIGUSR1 asks for a checkpoint and a clean stop."""
+    SIGUSR1 asks for a checkpoint and a clean stop. ``plan``: by default the config's own
+    settings (:func:`pipeline.plan.local_plan`)."""
+    plan = plan or local_plan(cfg)
     run_dir = cfg.run_dir().resolve()
     root = run_dir / "checkpoints"
     stop = {"flag": False}
@@ -164,8 +168,8 @@ def local_runtime(cfg: Config) -> Runtime:
         checkpoint.prune(root, cfg.train.keep_checkpoints)
         return folder
 
-    device = torch.device("cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu")
-    return Runtime(run_dir=run_dir, device=device, save=save,
+    device = torch.device("cuda" if plan.use_gpu and torch.cuda.is_available() else "cpu")
+    return Runtime(run_dir=run_dir, plan=plan, device=device, save=save,
                    resume_candidates=lambda: checkpoint.list_steps(root),
                    stop_requested=lambda: stop["flag"])
 
@@ -192,17 +196,9 @@ def rank_share(n: int, rank: int, world_size: int) -> tuple[int, int]:
     return rank * n // world_size, (rank + 1) * n // world_size
 
 
-def reader_count(train: TrainSection, device: torch.device) -> int:
-    """Reader threads or processes (train.loader_workers). ``auto``: on a GPU, from the
-    worker's CPUs (``config.auto_gpu_readers``); on the CPU none, since the step itself
-    uses the cores."""
-    if train.loader_workers != "auto":
-        return int(train.loader_workers)
-    return auto_gpu_readers(train.cpus_per_worker) if device.type == "cuda" else 0
-
-
-def use_bf16(cfg: Config, device: torch.device) -> bool:
-    return device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
+def use_bf16(plan: ExecutionPlan, device: torch.device) -> bool:
+    """bf16 autocast where the plan says so and the step runs on a GPU."""
+    return plan.precision == "bf16" and device.type == "cuda"
 
 
 def memory_mb(device: torch.device) -> float:
@@ -281,6 +277,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, rt: Runtime, stop_at: int | None = None):
         self.cfg, self.rt, self.stop_at = cfg, rt, stop_at
+        self.plan = rt.plan or local_plan(cfg)
         t = cfg.train
         torch.manual_seed(t.seed)
         np.random.seed(t.seed)
@@ -363,7 +360,7 @@ class Trainer:
 
     def loss(self, batch: Batch) -> torch.Tensor:
         with torch.autocast(self.rt.device.type, dtype=torch.bfloat16,
-                            enabled=use_bf16(self.cfg, self.rt.device)):
+                            enabled=use_bf16(self.plan, self.rt.device)):
             preds = self.model(batch.inputs, batch.target_forcings)
         return area_weighted_mse(preds.float().flatten(0, 1), batch.targets.flatten(0, 1),
                                  self.lat_w, self.channel_w)
@@ -400,7 +397,7 @@ class Trainer:
                          self.val_split.batch(torch.tensor(indices, device=self.rt.device)),
                          self.rt.device)
             with torch.autocast(self.rt.device.type, dtype=torch.bfloat16,
-                                enabled=use_bf16(self.cfg, self.rt.device)):
+                                enabled=use_bf16(self.plan, self.rt.device)):
                 pred = self.stepper.step(b.inputs, b.target_forcings[:, 0]).float()
             target, last = b.targets[:, 0], b.inputs[:, -1, self.stepper.outputs]
             n = len(indices)  # the losses are means over the batch's samples
@@ -418,26 +415,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def loader_backend(self) -> str:
-        """'threads', 'processes' or 'dataloader', from train.loader.
-
-        ``auto`` is reader processes (bench/loader.py, bench/train_gpu.py;
-        docs/benchmarks.md). On an H100 with 16 cores and 14 MB samples, DataLoader
-        processes stalled at 81 samples/s whatever their number (the transport: a fresh
-        shared-memory batch per step, unpickling, the pin-memory copy in one thread); 8
-        reader threads trained at 273-300, their reads waiting for the GIL beside the
-        training thread; 8 reader processes at 337. On 2 CPU cores, 2 reader processes
-        read 3.3-4.2x the DataLoader's samples/s (large and small stores), and two
-        threads no faster than one on small samples (Python per step holds the GIL).
-        """
-        backend = self.cfg.train.loader
-        return "processes" if backend == "auto" else backend
-
     def keeps_resident(self) -> bool:
-        """Whether the training and validation splits are kept in the device's memory
-        (train.resident)."""
-        setting = self.cfg.train.resident
-        if setting != "auto":
+        """Whether the training and validation splits are kept in the device's memory, as
+        the plan says; ``if_fits`` (train.resident auto on a GPU) measures the GPU."""
+        setting = self.plan.resident
+        if setting != "if_fits":
             return bool(setting)
         fits = fits_on(self.rt.device, resident_bytes(self.train_set) + resident_bytes(self.val_set))
         # all ranks or none: the ranks read the splits together (ResidentSplit), and one
@@ -446,7 +428,7 @@ class Trainer:
 
     def loader(self) -> DataLoader | BatchLoader | ResidentLoader:
         t = self.cfg.train
-        workers, backend = reader_count(t, self.rt.device), self.loader_backend()
+        workers, backend = self.plan.loader_workers, self.plan.loader
         if self.keeps_resident():
             # the ranks share the reads (each reads every world_size-th shard)
             ranks = (self.rt.rank, self.rt.world_size) if self.rt.in_group else (0, 1)

@@ -1,8 +1,9 @@
 """Ray Train around the plain loop: the only module that imports ``ray.train``.
 
-``train(cfg)`` validates everything it can in the driver (store, splits, model, an
-existing run's checkpoint), then runs ``train_loop`` on ``train.workers`` Ray workers
-with ``TorchTrainer`` (DDP over gloo on CPU, NCCL on GPUs). Checkpoints are reported
+``train(cfg, plan)`` validates everything it can in the driver (store, splits, model,
+an existing run's checkpoint), then runs ``train_loop`` on the plan's Ray workers with
+``TorchTrainer`` (DDP over gloo on CPU, NCCL on GPUs); the plan travels to every
+worker and is stored as ``<run>/plan.json`` beside ``config.yaml``. Checkpoints are reported
 to Ray, which stores them in ``<run>/checkpoints/step-N`` and keeps the newest
 ``train.keep_checkpoints``; ``FailureConfig`` restarts failed workers from the latest
 one. Running ``train`` again with the same config resumes the run. SIGTERM/SIGUSR1 to
@@ -23,6 +24,7 @@ from typing import Any
 
 from pipeline.config import Config, config_from_dict, dump_config
 from pipeline.errors import PipelineError
+from pipeline.plan import ExecutionPlan, resolve_plan
 from pipeline.train.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,7 @@ def absolute_config(cfg: Config) -> Config:
                                   "runs_dir": os.path.abspath(cfg.runs_dir)})
 
 
-def preflight(cfg: Config) -> None:
+def preflight(cfg: Config, plan: ExecutionPlan) -> None:
     """Fail fast in the driver on what would fail in every worker (exit code 2)."""
     from pipeline.data.loader import BlockShuffleSampler, ForecastDataset, StoreInfo
     from pipeline.train import checkpoint
@@ -57,7 +59,7 @@ def preflight(cfg: Config) -> None:
     info = StoreInfo(cfg.data.store)
     train_set = ForecastDataset(info, "train", t.history, t.lead, t.rollout)
     ForecastDataset(info, "val", t.history, t.lead, 1)
-    BlockShuffleSampler(len(train_set), t.batch_size, t.workers)
+    BlockShuffleSampler(len(train_set), t.batch_size, plan.workers)
     build_stepper(cfg, info)
     check_mlflow(cfg)
     found = checkpoint.latest_valid(checkpoint.list_steps(cfg.run_dir() / "checkpoints"))
@@ -77,6 +79,7 @@ def _worker(loop_config: dict[str, Any]) -> None:
     from pipeline.train.loop import Runtime, train_loop
 
     cfg = config_from_dict(loop_config["config"])
+    plan = ExecutionPlan.from_json(loop_config["plan"])
     context = ray.train.get_context()
     rank = context.get_world_rank()
     # Ray forwards worker output to the driver; rank 0 speaks, the others warn only.
@@ -105,7 +108,7 @@ def _worker(loop_config: dict[str, Any]) -> None:
                       device=ray.train.torch.get_device(),
                       prepare_model=ray.train.torch.prepare_model, save=save,
                       resume_candidates=candidates,
-                      stop_requested=lambda: (run_dir / STOP_FILE).exists())
+                      stop_requested=lambda: (run_dir / STOP_FILE).exists(), plan=plan)
     train_loop(cfg, runtime, stop_at=loop_config.get("stop_at"))
 
 
@@ -120,8 +123,11 @@ def _user_error(err: BaseException) -> PipelineError | None:
     return None
 
 
-def train(cfg: Config, address: str | None = None, stop_at: int | None = None) -> TrainResult:
-    """Train (or resume) the run with Ray Train; see the module docstring."""
+def train(cfg: Config, plan: ExecutionPlan | None = None, address: str | None = None,
+          stop_at: int | None = None) -> TrainResult:
+    """Train (or resume) the run with Ray Train as ``plan`` says (by default the plan for
+    where this process runs); see the module docstring."""
+    plan = plan or resolve_plan(cfg, address=address)
     cfg = absolute_config(cfg)
     run_dir = cfg.run_dir()
     stop_file = run_dir / STOP_FILE
@@ -139,34 +145,37 @@ def train(cfg: Config, address: str | None = None, stop_at: int | None = None) -
 
     install()  # first: a preemption signal may come at any time
     try:
-        return _fit(cfg, address, stop_at, stop_file, install)
+        return _fit(cfg, plan, address, stop_at, stop_file, install)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def _fit(cfg: Config, address: str | None, stop_at: int | None, stop_file: Path,
-         install_handlers: Callable[[], None]) -> TrainResult:
-    preflight(cfg)
+def _fit(cfg: Config, plan: ExecutionPlan, address: str | None, stop_at: int | None,
+         stop_file: Path, install_handlers: Callable[[], None]) -> TrainResult:
+    preflight(cfg, plan)
     run_dir = cfg.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
+    plan.write(run_dir / "plan.json")
 
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True,
-                 **({} if address else {"num_cpus": max(os.cpu_count() or 1,
-                                                        cfg.train.workers * cfg.train.cpus_per_worker)}))
+    if not ray.is_initialized():  # a Slurm job's launcher has connected already
+        if plan.ray_start == "init":
+            ray.init(num_cpus=plan.ray_cpus_per_node, log_to_driver=True)
+        else:
+            ray.init(address=address or plan.ray_address, log_to_driver=True)
         install_handlers()  # again: ray.init installs its own SIGTERM handler in the driver
     t = cfg.train
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "stop_at": stop_at},
-        scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu,
-                                     resources_per_worker={"CPU": t.cpus_per_worker}),
+        train_loop_config={"config": cfg.model_dump(mode="json"), "plan": plan.to_json(),
+                           "stop_at": stop_at},
+        scaling_config=ScalingConfig(num_workers=plan.workers, use_gpu=plan.use_gpu,
+                                     resources_per_worker={"CPU": plan.cpus_per_worker}),
         run_config=RunConfig(
             name="checkpoints", storage_path=str(run_dir),
             failure_config=FailureConfig(max_failures=t.max_failures),
