@@ -1,12 +1,13 @@
 """Slurm job scripts from the run config, and their submission as one chain.
 
-``render`` fills the Jinja2 templates in ``pipeline/templates/slurm`` (one per stage:
+``render`` fills the Jinja2 templates of the top-level ``slurm/`` folder, which the
+wheel ships as the package ``pipeline.slurm_templates`` (one per stage:
 preprocess array, finalise, train, evaluate, and the scheduled retraining). Rendering
 is deterministic (sorted directives) and every path, name and argument in the shell
 body is quoted with ``shlex.quote``; values that land on ``#SBATCH`` lines are checked
 to be single words (the config's patterns, and :func:`directive_path` for paths), so no
 config value can run anything. ``submit`` writes the scripts to the run's Slurm folder
-and chains them with ``sbatch --parsable --dependency=afterok:<id>`` and
+(a config that reads the demo data gets a demo-data job first) and chains them with ``sbatch --parsable --dependency=afterok:<id>`` and
 ``--kill-on-invalid-dep=yes`` (a failed stage cancels the ones after it).
 ``schedule`` prints a scrontab entry where Slurm has scrontab, and otherwise queues a
 retraining job that re-submits itself with ``--begin`` one period later.
@@ -16,6 +17,7 @@ Runs on login nodes: imports no torch, ray or dask.
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import os
 import re
@@ -31,10 +33,12 @@ import jinja2
 from pipeline import __version__
 from pipeline.config import Config
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.workflows import DEMO_RAW, DEMO_SIZE, demo_months, reads_demo
 
-TEMPLATES = ("preprocess", "finalise", "train", "evaluate", "retrain")
+TEMPLATES = ("demo_data", "preprocess", "finalise", "train", "evaluate", "retrain")
 STAGES = ("preprocess", "train", "evaluate")  # what --stages takes; preprocess = array + finalise
 SUMMARIES = {
+    "demo_data": "Write the demo data the config reads.",
     "preprocess": "Preprocess: one array task per part of the training store.",
     "finalise": "Finalise the training store: verify, merge statistics, mark complete.",
     "train": "Train with Ray Train on every node of the allocation.",
@@ -76,8 +80,14 @@ def directive_path(path: Path, what: str) -> str:
     return f'"{text}"' if re.search(r"\s", text) else text
 
 
+def template_dir() -> Path:
+    """The folder of the sbatch templates: ``slurm/`` of the checkout (an editable
+    install maps it), or its copy in an installed wheel."""
+    return Path(str(importlib.resources.files("pipeline.slurm_templates")))
+
+
 def _environment() -> jinja2.Environment:
-    env = jinja2.Environment(loader=jinja2.PackageLoader("pipeline", "templates/slurm"),
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(template_dir()),
                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
                              trim_blocks=True, lstrip_blocks=True, autoescape=False)
     env.filters["q"] = lambda value: shlex.quote(str(value))
@@ -151,6 +161,7 @@ def render(template: str, cfg: Config, config_path: str | os.PathLike[str],
         pipeline=shlex.join(shlex.split(cfg.slurm.command)), config_args=config_args,
         parts=cfg.slurm.preprocess_parts, cpus=cfg.slurm.cpus_per_task,
         job_name=job_name(cfg, template), period=cfg.slurm.retrain_every,
+        demo_dir=DEMO_RAW, demo_size=DEMO_SIZE, demo_months=demo_months(cfg),
         period_seconds=period_seconds(cfg.slurm.retrain_every),
         script_path=script_path or log_dir / f"{template}.sbatch")
 
@@ -165,6 +176,8 @@ def prepare(cfg: Config, config_path: str | os.PathLike[str], overrides: list[st
     workdir, log_dir = _paths(cfg, workdir)
     chain = [t for stage in STAGES if stage in stages
              for t in (("preprocess", "finalise") if stage == "preprocess" else (stage,))]
+    if "preprocess" in chain and reads_demo(cfg):  # as `pipeline run`: the demo data first
+        chain.insert(0, "demo_data")
     jobs = []
     for template in chain:
         path = log_dir / f"{template}.sbatch"

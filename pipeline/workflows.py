@@ -64,10 +64,15 @@ def demo_months(cfg: Config) -> int:
     return max(1, (last.year - 2000) * 12 + last.month)
 
 
+def reads_demo(cfg: Config) -> bool:
+    """Whether a source of the config reads the demo directory (``data/demo/raw``)."""
+    demo = os.path.abspath(DEMO_RAW)
+    return any(os.path.abspath(os.path.dirname(s.path)) == demo for s in cfg.data.sources)
+
+
 def ensure_demo(cfg: Config) -> str | None:
     """Write the demo data when a source reads ``data/demo/raw`` and it is missing."""
-    demo = os.path.abspath(DEMO_RAW)
-    if not any(os.path.abspath(os.path.dirname(s.path)) == demo for s in cfg.data.sources):
+    if not reads_demo(cfg):
         return None
     from pipeline.data.synthetic import demo_spec, ensure_demo_data
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -47,6 +48,11 @@ def slurm_config(tmp: Path, raw: Path, **slurm: Any) -> dict[str, Any]:
     return cfg
 
 
+def error_lines(log: str) -> list[str]:
+    """Error-level log lines (ours or Ray's) in a job log."""
+    return [line for line in log.splitlines() if re.search(r"\bERROR\b|^error: ", line)]
+
+
 def cli(cluster: Any, *args: str, cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=cluster.env,
                           capture_output=True, text=True, timeout=timeout)
@@ -73,10 +79,15 @@ def test_the_whole_chain_runs_on_two_nodes(slurm_cluster, tiny_raw: Path, tmp_pa
     assert zarr.open_group(tmp_path / "store.zarr", mode="r").attrs["complete"] is True
     # training ran on both Slurm nodes with one Ray worker each and reached its steps
     train_log = (logs / f"slurm-train-{ids['train']}.out").read_text()
-    assert "2 nodes (n1,n2)" in train_log and "-> 2 Ray Train workers" in train_log, train_log
+    assert "2 node(s) (n1,n2)" in train_log, train_log
+    assert "plan: 2 Ray Train workers (1 per node), CPU, 1 CPUs each" in train_log, train_log
     assert re.search(r"node n1 at \S+: 1 CPUs", train_log) and re.search(
         r"node n2 at \S+: 1 CPUs", train_log), train_log
+    assert not error_lines(train_log), train_log
     run = tmp_path / "runs" / "slurm"
+    plan = json.loads((run / "plan.json").read_text())  # what ran is what the plan said
+    assert (plan["nodes"], plan["workers"], plan["ray_cpus_per_node"]) == (2, 2, 1), plan
+    assert plan["allocation"]["job_id"] == ids["train"]
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["step"] == 30
     assert (run / "checkpoints" / "step-00000030" / "meta.json").exists()
@@ -108,15 +119,16 @@ def test_a_failed_stage_cancels_the_rest_and_says_so(slurm_cluster, tiny_raw: Pa
 
 def test_the_time_limit_signal_checkpoints_requeues_and_finishes(slurm_cluster, tiny_store: Path,
                                                                  tmp_path: Path) -> None:
-    """A 4-minute limit with --signal=B:USR1@120: Slurm signals 60-120 s after the start
-    (it checks every 30 s and may signal up to 60 s early). The run is far too long for
-    one allocation, so it checkpoints and requeues itself; while the requeued job is
-    held, the test shortens the run to 300 steps past that checkpoint, so that the next
-    allocation finishes it however fast this machine trains."""
-    cfg = slurm_config(tmp_path, tiny_store.parent, nodes=1, cpus_per_task=2, time="4",
+    """A two-node job with a 4-minute limit and --signal=B:USR1@120: Slurm signals
+    60-120 s after the start (it checks every 30 s and may signal up to 60 s early). The
+    run is far too long for one allocation, so it checkpoints, stops the Ray cluster on
+    both nodes and requeues itself; while the requeued job is held, the test shortens
+    the run to 300 steps past that checkpoint, so that the next allocation finishes it
+    however fast this machine trains."""
+    cfg = slurm_config(tmp_path, tiny_store.parent, nodes=2, cpus_per_task=1, time="4",
                        signal_seconds=120)
     cfg["data"]["store"] = str(tiny_store)
-    cfg["train"].update(max_steps=1_000_000, val_every=500, checkpoint_every=500, workers=1)
+    cfg["train"].update(max_steps=1_000_000, val_every=500, checkpoint_every=500)
     config = write_config(tmp_path / "c.yaml", cfg)
     out = cli(slurm_cluster, "slurm", "submit", str(config), "--stages", "train", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
@@ -143,6 +155,7 @@ def test_the_time_limit_signal_checkpoints_requeues_and_finishes(slurm_cluster, 
     assert int(state["Restarts"]) >= 1, log  # requeued at least once
     assert "asking the workers to checkpoint and stop" in log and "requeued" in log, log
     assert "resumed from" in log, log
+    assert log.count("plan: 2 Ray Train workers (1 per node)") >= 2, log  # both allocations
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert stopped_at in steps and steps == sorted(steps), steps
     assert steps[-1] == stopped_at + 300, steps
@@ -192,7 +205,9 @@ def test_train_under_srun_uses_one_task_per_node(slurm_cluster, tiny_store: Path
     config = write_config(tmp_path / "c.yaml", cfg)
     state, text = srun_train_in_two_node_job(slurm_cluster, config, tmp_path, "", timeout=400)
     assert state["JobState"] == "COMPLETED", text
-    assert "-> 2 Ray Train workers" in text and "served as a Ray worker node" in text, text
+    assert "plan: 2 Ray Train workers (1 per node)" in text, text
+    assert "served as a Ray worker node" in text, text
+    assert text.count("plan: ") == 5, text  # the plan is logged once, by task 0
     assert re.search(r"node n2 at \S+: 1 CPUs", text), text
     metrics = (tmp_path / "runs" / "slurm" / "metrics.jsonl").read_text().splitlines()
     assert json.loads(metrics[-1])["step"] == 10
@@ -211,3 +226,68 @@ def test_a_node_that_never_joins_fails_the_job_naming_it(slurm_cluster, tiny_sto
     errors = [line for line in text.splitlines() if line.startswith("error: ")]
     assert errors and "Ray nodes missing after 15 s: n2 " in errors[0], text
     assert not (tmp_path / "runs" / "slurm" / "checkpoints").exists()
+
+
+def test_one_node_jobs_follow_their_allocation_side_by_side(slurm_cluster, tiny_store: Path,
+                                                            tmp_path: Path) -> None:
+    """Two one-node jobs of one CPU each, started together on the same node n1, with a
+    config that asks for 2 workers: each says so in one warning line, trains with
+    exactly 1 worker on a Ray that sees 1 CPU, on ports and a temp dir of its own, and
+    both finish with no error-level line; each plan.json says what ran."""
+    ids = {}
+    for name in ("first", "second"):
+        cfg = slurm_config(tmp_path, tiny_store.parent, nodes=1, cpus_per_task=1,
+                           extra_directives=["--nodelist=n1"])
+        cfg["name"] = name
+        cfg["data"]["store"] = str(tiny_store)
+        cfg["train"].update(max_steps=10, val_every=10, checkpoint_every=10, workers=2)
+        config = write_config(tmp_path / f"{name}.yaml", cfg)
+        out = cli(slurm_cluster, "slurm", "submit", str(config), "--stages", "train",
+                  cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        ids[name] = job_ids(out.stdout)["train"]
+    plans, spans = {}, []
+    for name, job in ids.items():
+        state = slurm_cluster.wait_job(job, timeout=600)
+        spans.append((state["StartTime"], state["EndTime"]))
+        run = tmp_path / "runs" / name
+        log = (run / "slurm" / f"{name}-train-{job}.out").read_text()
+        assert state["JobState"] == "COMPLETED" and state["NodeList"] == "n1", log
+        assert "plan: 1 Ray Train workers (1 per node), CPU, 1 CPUs each" in log, log
+        assert re.search(r"WARNING \S+: train\.workers is 2, but the allocation \(1 node\(s\), "
+                         r"1 CPUs and 0 GPUs each\) holds 1: training with 1", log), log
+        assert re.search(r"node n1 at 127\.0\.0\.1: 1 CPUs, 0 GPUs", log), log
+        assert not error_lines(log), error_lines(log)
+        assert "Reporting training result" not in log, log  # Ray Train's per-rank dumps
+        plans[name] = json.loads((run / "plan.json").read_text())
+        assert (plans[name]["workers"], plans[name]["ray_cpus_per_node"]) == (1, 1)
+        steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert steps[-1] == 10, steps
+    first, second = plans["first"], plans["second"]
+    # they ran at the same time on n1, each with its own Ray
+    assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1], spans
+    assert first["ports"]["port"] != second["ports"]["port"]
+    assert first["ray_temp_dir"] != second["ray_temp_dir"]
+
+
+def test_the_demo_config_runs_on_a_fresh_cluster(slurm_cluster, tmp_path: Path) -> None:
+    """`pipeline slurm submit configs/demo.yaml` in a folder without the demo data: the
+    chain's first job writes it (one month here, for a short time range), then the
+    preprocess array and finalise build the store from it."""
+    shutil.copy(Path(__file__).parents[1] / "configs" / "demo.yaml", tmp_path / "demo.yaml")
+    sets = [f"slurm.command={sys.executable} -m pipeline", "slurm.cpus_per_task=1",
+            'data.splits.train=["2000-01-01", "2000-01-20T18:00"]',
+            'data.splits.val=["2000-01-21", "2000-01-25T18:00"]',
+            'data.splits.test=["2000-01-26", "2000-01-31T18:00"]']
+    out = cli(slurm_cluster, "slurm", "submit", "demo.yaml", "--stages", "preprocess", "--wait",
+              *[arg for item in sets for arg in ("--set", item)], cwd=tmp_path)
+    logs = tmp_path / "runs" / "demo" / "slurm"
+    detail = out.stdout + out.stderr + "".join(p.read_text() for p in sorted(logs.glob("*.out")))
+    assert out.returncode == 0, detail
+    assert list(job_ids(out.stdout)) == ["demo_data", "preprocess", "finalise"], out.stdout
+    assert sorted(p.name for p in (tmp_path / "data" / "demo" / "raw").iterdir()) == [
+        "demo_2000-01.nc", "static.nc"], detail
+    import zarr
+
+    store = zarr.open_group(tmp_path / "data" / "demo" / "demo.zarr", mode="r")
+    assert store.attrs["complete"] is True and store["time"].shape == (124,)

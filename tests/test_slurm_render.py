@@ -104,6 +104,9 @@ def test_hostile_paths_and_overrides_cannot_run_anything(tmp_path: Path) -> None
         out = subprocess.run(["bash", str(script)], cwd=work, capture_output=True, text=True,
                              env=env, timeout=30)
         assert out.returncode == 0, out.stderr
+        if template == "demo_data":  # takes no config: the demo's own folder and size
+            assert "demo-data data/demo/raw --size small" in out.stdout
+            continue
         assert str(config_path) in out.stdout  # the path arrived as one intact argument
         assert HOSTILE in out.stdout
     assert not list(tmp_path.rglob("PWNED*")) and not list(Path.cwd().glob("PWNED*"))
@@ -152,3 +155,72 @@ def test_the_chain_is_ordered_and_the_dry_run_submits_nothing(tmp_path: Path) ->
     assert bad.stderr.startswith("error: sbatch not found (run this on a Slurm login node")
     assert len(bad.stderr.splitlines()) == 1
     assert not (tmp_path / "logs").exists()
+
+
+def test_the_templates_are_the_top_level_slurm_folder() -> None:
+    """`pipeline slurm` renders the files of slurm/ that users read and adapt: every
+    template there is one it renders, and its README names each."""
+    from pipeline.slurm import template_dir
+
+    top = Path(__file__).parents[1] / "slurm"
+    assert template_dir().resolve() == top.resolve()
+    names = {p.name.removesuffix(".sh.j2") for p in top.glob("*.sh.j2")} - {"_header"}
+    assert names == set(TEMPLATES)
+    readme = (top / "README.md").read_text()
+    assert all(f"`{name}.sh.j2`" in readme for name in TEMPLATES)
+
+
+def test_a_demo_config_chain_writes_the_demo_data_first(tmp_path: Path) -> None:
+    """As `pipeline run` does: a config that reads data/demo/raw gets a demo-data job
+    before preprocessing, for the months its splits need; other configs do not."""
+    from pipeline.config import load_config
+
+    demo = load_config(Path(__file__).parents[1] / "configs" / "demo.yaml")
+    jobs = prepare(demo, "configs/demo.yaml", [], ["preprocess", "train"], workdir=tmp_path)
+    assert [job.stage for job in jobs] == ["demo_data", "preprocess", "finalise", "train"]
+    assert "demo-data data/demo/raw --size small --months 6" in jobs[0].script
+    assert [j.stage for j in prepare(demo, "c.yaml", [], ["train"], workdir=tmp_path)] == ["train"]
+    other = config_from_dict(golden_config())
+    assert prepare(other, "c.yaml", [], ["preprocess"])[0].stage == "preprocess"
+
+
+@pytest.mark.integration
+def test_an_installed_wheel_renders_every_template(tmp_path: Path) -> None:
+    """`pip wheel` packs slurm/ into the package: in a fresh environment that holds only
+    the wheel (its dependencies borrowed from this one, the checkout out of reach),
+    `pipeline slurm render` renders each template exactly as the checkout does."""
+    import sys
+    import sysconfig
+
+    root = Path(__file__).parents[1]
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
+                          str(tmp_path / "dist"), str(root)], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr
+    wheel = next((tmp_path / "dist").glob("pipeline-*.whl"))
+    env_dir = tmp_path / "env"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True,
+                   timeout=120)
+    python = env_dir / "bin" / "python"
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig."
+                                "get_paths()['purelib'])"], capture_output=True, text=True,
+                               check=True).stdout.strip())
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
+                    str(site), str(wheel)], check=True, timeout=300)
+    # the dependencies, as a plain path: the editable install's finder is not loaded
+    (site / "borrowed.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    config = tmp_path / "c.yaml"
+    import yaml
+
+    config.write_text(yaml.safe_dump(golden_config()))
+    for template in TEMPLATES:
+        got = subprocess.run([str(python), "-m", "pipeline", "slurm", "render", template,
+                              str(config)], capture_output=True, text=True, cwd=tmp_path,
+                             timeout=120)
+        assert got.returncode == 0, got.stderr
+        here = run_cli("slurm", "render", template, str(config), cwd=tmp_path)
+        assert got.stdout == here.stdout and got.stdout.startswith("#!/bin/bash"), template
+    where = subprocess.run([str(python), "-c", "import pipeline.slurm as s; print(s.__file__, "
+                            "s.template_dir())"], capture_output=True, text=True, check=True,
+                           cwd=tmp_path).stdout
+    assert str(root) not in where and str(site) in where, where

@@ -13,6 +13,7 @@ the driver ask the workers to checkpoint and stop; ``train`` then returns
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -70,6 +71,26 @@ def preflight(cfg: Config, plan: ExecutionPlan) -> None:
         check_compatible(meta, info, Path(t.init_from), statistics=False)
 
 
+def quiet_report_lines() -> None:
+    """Drop Ray Train V2's INFO line for every report of every rank ("Reporting training
+    result N: TrainingReport(...)"): rank 0 logs one line per report of its own. Ray
+    names that logger by its file's path, outside ``ray.train``, so RunConfig's
+    LoggingConfig does not reach it; only that logger is raised to WARNING, so Ray's
+    warnings and the users' own output still show."""
+    with contextlib.suppress(ImportError, AttributeError):  # a Ray without that module
+        from ray.train.v2._internal.execution import context
+
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def quiet_ray_train_environment() -> None:
+    """Ray Train V2's preemption watcher polls Ray's node-drain state (cloud autoscalers)
+    and logs errors about its actor in runs that succeed; here a preemption is a Slurm
+    signal (``--signal``, SIGTERM), which the launcher handles. Off unless the user set
+    ``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER`` (Ray's own switch, passed to its actors)."""
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+
 def _worker(loop_config: dict[str, Any]) -> None:
     """The function each Ray Train worker runs."""
     import ray.train
@@ -84,6 +105,7 @@ def _worker(loop_config: dict[str, Any]) -> None:
     rank = context.get_world_rank()
     # Ray forwards worker output to the driver; rank 0 speaks, the others warn only.
     logging.getLogger("pipeline").setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    quiet_report_lines()
     run_dir = cfg.run_dir()
     root = run_dir / "checkpoints"
 
@@ -170,6 +192,7 @@ def _fit(cfg: Config, plan: ExecutionPlan, address: str | None, stop_at: int | N
             ray.init(address=address or plan.ray_address, log_to_driver=True)
         install_handlers()  # again: ray.init installs its own SIGTERM handler in the driver
     t = cfg.train
+    quiet_ray_train_environment()
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "plan": plan.to_json(),
