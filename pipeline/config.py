@@ -193,9 +193,12 @@ class Train(Section):
     warmup_steps: int = Field(20, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    workers: int = Field(2, ge=1, description="Ray Train workers.")
-    use_gpu: bool = False
-    cpus_per_worker: int = Field(1, ge=1)
+    workers: int = Field(2, ge=1, description="Ray Train workers without a Slurm job; in "
+                         "one, the allocation decides (pipeline.plan, `pipeline plan`).")
+    use_gpu: bool = Field(False, description="A GPU per worker without a Slurm job; in one, "
+                          "the allocation's GPUs decide.")
+    cpus_per_worker: int = Field(1, ge=1, description="CPUs per worker (on CPUs); a Slurm "
+                                 "GPU job gives each GPU worker its share of the node's CPUs.")
     val_every: int = Field(50, ge=1, description="Validate (and checkpoint) every N steps.")
     val_batch_size: int | None = Field(
         None, ge=1, description="Samples per validation batch on each worker (default: "
@@ -214,8 +217,8 @@ class Train(Section):
         "torch 'dataloader' worker processes; 'auto': processes (pipeline.plan).")
     loader_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
         "auto", description="Reader threads or processes, as train.loader says; 0 reads in "
-        "the training thread. auto: on a GPU cpus_per_worker - 1 (at least 1, at most 8), "
-        "on the CPU 0 (the step uses the cores).")
+        "the training thread. auto: on a GPU the worker's CPUs less one (at least 1, at "
+        "most 8), on the CPU 0 (the step uses the cores).")
     prefetch_factor: int = Field(2, ge=1, description="Batches read ahead (per worker process "
                                  "for 'dataloader').")
     assemble_on_device: bool = Field(

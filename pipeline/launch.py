@@ -131,10 +131,14 @@ def wait_for_rendezvous(path: Path, timeout: float = 120) -> tuple[str, str]:
     return data["token"], data["head"]
 
 
-def with_token(token: str) -> dict[str, str]:
+def with_token(token: str, head: str) -> dict[str, str]:
     """This process's environment for the job's Ray processes: token authentication
-    with the job's own token."""
-    return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    with the job's own token, and ``RAY_ADDRESS`` set to the job's head. Ray's own
+    helpers that find "the" cluster by themselves (Ray Train's placement-group cleaner
+    through the State API) otherwise fail with "Found multiple active Ray instances"
+    when another job's Ray runs on the same node."""
+    return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+            "RAY_ADDRESS": head}
 
 
 class RayCluster:
@@ -144,9 +148,7 @@ class RayCluster:
     def __init__(self, plan: ExecutionPlan, cfg: Config, srun_workers: bool):
         assert plan.allocation is not None and plan.ports is not None
         self.alloc, self.plan, self.cfg, self.srun_workers = plan.allocation, plan, cfg, srun_workers
-        # one node: the head listens on loopback only; several: on the node's address
-        self.head_ip = node_address(self.alloc.this_node) if self.alloc.multi_node \
-            else "127.0.0.1"
+        self.head_ip = node_address(self.alloc.this_node)
         self.address = f"{self.head_ip}:{plan.ports['port']}"
         self.processes: list[subprocess.Popen] = []
         self.rendezvous = rendezvous_file(cfg.run_dir(), self.alloc, dict(os.environ)) \
@@ -154,7 +156,8 @@ class RayCluster:
 
     def start(self) -> None:
         token = os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(32)
-        os.environ.update(with_token(token))  # the driver and the srun steps inherit it
+        # the driver, the srun steps and every Ray process of the job inherit these
+        os.environ.update(with_token(token, self.address))
         head = ray_start_command(self.alloc, self.alloc.this_node, self.plan.ports or {},
                                  None, self.head_ip)
         log.info("starting the Ray head on %s (%s)", self.alloc.this_node, self.address)
@@ -213,6 +216,7 @@ class RayCluster:
 
         if ray.is_initialized():
             ray.shutdown()
+        os.environ.pop("RAY_ADDRESS", None)  # this job's head is gone
         for proc in reversed(self.processes):
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -317,7 +321,7 @@ def run_worker(alloc: Allocation, port_base: int, head: str, token: str,
     this process (``replace``; an srun step the head ends), or as a child whose exit,
     when the head has gone, is the normal end of an srun task. Its ports are the first
     free block on this node, from the job's own on (only the head's must be known)."""
-    env = with_token(token)
+    env = with_token(token, head)
     slot = alloc.slot(alloc.this_node)
     ports = ray_ports(port_base, free_block(port_base, alloc.job_id, slot), slot)
     cmd = ray_start_command(alloc, alloc.this_node, ports, head, node_address(alloc.this_node))

@@ -256,8 +256,8 @@ def test_one_node_jobs_follow_their_allocation_side_by_side(slurm_cluster, tiny_
         assert "plan: 1 Ray Train workers (1 per node), CPU, 1 CPUs each" in log, log
         assert re.search(r"WARNING \S+: train\.workers is 2, but the allocation \(1 node\(s\), "
                          r"1 CPUs and 0 GPUs each\) holds 1: training with 1", log), log
-        assert re.search(r"node n1 at 127\.0\.0\.1: 1 CPUs, 0 GPUs", log), log
-        assert not error_lines(log), error_lines(log)
+        assert re.search(r"node n1 at \S+: 1 CPUs, 0 GPUs", log), log
+        assert not error_lines(log) and "Traceback" not in log, log
         assert "Reporting training result" not in log, log  # Ray Train's per-rank dumps
         plans[name] = json.loads((run / "plan.json").read_text())
         assert (plans[name]["workers"], plans[name]["ray_cpus_per_node"]) == (1, 1)
@@ -285,7 +285,7 @@ def test_the_demo_config_runs_on_a_fresh_cluster(slurm_cluster, tmp_path: Path) 
     detail = out.stdout + out.stderr + "".join(p.read_text() for p in sorted(logs.glob("*.out")))
     assert out.returncode == 0, detail
     assert list(job_ids(out.stdout)) == ["demo_data", "preprocess", "finalise"], out.stdout
-    assert sorted(p.name for p in (tmp_path / "data" / "demo" / "raw").iterdir()) == [
+    assert sorted(p.name for p in (tmp_path / "data" / "demo" / "raw").glob("*.nc")) == [
         "demo_2000-01.nc", "static.nc"], detail
     import zarr
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -394,6 +395,15 @@ def test_cli_preemption_checkpoints_exits_75_and_the_rerun_finishes(
     result = run_cli("train", str(cfg), "--set", f"train.max_steps={stopped + 10}", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"to step {stopped + 10}" in result.stdout
+    # a successful run: quiet and useful (no error-level line, not Ray Train's per-rank
+    # report dumps, the plan once), short enough for one screen, its plan stored
+    lines = (result.stdout + result.stderr).splitlines()
+    assert not [line for line in lines if re.search(r"\bERROR\b| E \d+ |^error: ", line)], lines
+    assert not [line for line in lines if "Reporting training result" in line], lines
+    assert sum("plan: 1 Ray Train workers" in line for line in lines) == 1, lines
+    assert len(lines) <= 30, "\n".join(lines)
+    plan = json.loads((run / "plan.json").read_text())
+    assert plan["workers"] == 1 and plan["where"] == "local" and plan["precision"] == "fp32"
 
 
 @pytest.mark.parametrize("override, fragment", [
