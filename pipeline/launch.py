@@ -23,6 +23,7 @@ level.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -217,17 +218,25 @@ class RayCluster:
         if ray.is_initialized():
             ray.shutdown()
         os.environ.pop("RAY_ADDRESS", None)  # this job's head is gone
-        for proc in reversed(self.processes):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in reversed(self.processes):
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        for proc in reversed(self.processes):  # the srun workers first, then the head
+            stop_process(proc)
         if self.rendezvous is not None:
             self.rendezvous.unlink(missing_ok=True)
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 60) -> None:
+    """Stop a ``ray start --block`` (or the ``srun`` of them): SIGTERM to it alone, so
+    that it drains its node while Ray's own processes still run (a signal to the whole
+    group kills Ray's GCS under it and the drain fails with an error line), then
+    SIGKILL to whatever of its process group is left."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=timeout)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def describe_cluster() -> None:

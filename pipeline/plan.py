@@ -185,6 +185,13 @@ def port_is_free(port: int) -> bool:
     return True
 
 
+def free_local_port() -> int:
+    """A port that nothing on this host uses now (the kernel's choice)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def free_block(port_base: int, job_id: str, slot: int,
                is_free: Callable[[int], bool] = port_is_free) -> int:
     """The first port block, from the job's own (:func:`job_block`) on, whose ports for

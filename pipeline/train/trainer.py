@@ -25,7 +25,7 @@ from typing import Any
 
 from pipeline.config import Config, config_from_dict, dump_config
 from pipeline.errors import PipelineError
-from pipeline.plan import ExecutionPlan, resolve_plan
+from pipeline.plan import ExecutionPlan, free_local_port, resolve_plan
 from pipeline.train.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -187,7 +187,12 @@ def _fit(cfg: Config, plan: ExecutionPlan, address: str | None, stop_at: int | N
 
     if not ray.is_initialized():  # a Slurm job's launcher has connected already
         if plan.ray_start == "init":
-            ray.init(num_cpus=plan.ray_cpus_per_node, log_to_driver=True)
+            # Ray's helpers (Ray Train's placement-group cleaner) find the State API by
+            # themselves and fail when another Ray runs on this machine: tell every
+            # process of this instance its dashboard's address, on a port chosen here
+            port = free_local_port()
+            os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+            ray.init(num_cpus=plan.ray_cpus_per_node, dashboard_port=port, log_to_driver=True)
         else:
             ray.init(address=address or plan.ray_address, log_to_driver=True)
         install_handlers()  # again: ray.init installs its own SIGTERM handler in the driver
