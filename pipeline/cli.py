@@ -311,8 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     slurm = sub.add_parser("slurm", help="render, submit and schedule Slurm jobs").add_subparsers(
         dest="slurm_command", required=True, metavar="ACTION")
-    p = slurm.add_parser("render", help="print a job script (preprocess, finalise, train, "
-                         "evaluate, retrain)")
+    p = slurm.add_parser("render", help="print a job script (demo_data, preprocess, finalise, "
+                         "train, evaluate, retrain)")
     p.add_argument("template")
     _add_config(p)
     p.set_defaults(func=cmd_slurm_render)

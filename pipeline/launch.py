@@ -290,7 +290,7 @@ def launch_train(cfg: Config, address: str | None = None) -> Any:
         # a Ray worker node until the head goes away; task 0 logs the plan and trains
         token, head = wait_for_rendezvous(rendezvous_file(cfg.run_dir(), alloc,
                                                           dict(os.environ)))
-        run_worker(alloc, cfg.slurm.port_base, head, token, replace=False)
+        run_worker(alloc, plan.ports or {}, head, token, replace=False)
         return TrainResult(run_dir=cfg.run_dir(), metrics={}, preempted=False)
     log_plan(plan)
     if plan.ray_start != "cluster":
@@ -324,15 +324,19 @@ def launch_train(cfg: Config, address: str | None = None) -> Any:
     return result
 
 
-def run_worker(alloc: Allocation, port_base: int, head: str, token: str,
-               replace: bool = True) -> None:
-    """Run the Ray worker node of this Slurm node until the cluster stops: in place of
-    this process (``replace``; an srun step the head ends), or as a child whose exit,
-    when the head has gone, is the normal end of an srun task. Its ports are the first
-    free block on this node, from the job's own on (only the head's must be known)."""
-    env = with_token(token, head)
+def worker_ports(alloc: Allocation, port_base: int) -> dict[str, int]:
+    """This node's Ray ports: the first free block on it, from the job's own on (only
+    the head's must be known to the other nodes)."""
     slot = alloc.slot(alloc.this_node)
-    ports = ray_ports(port_base, free_block(port_base, alloc.job_id, slot), slot)
+    return ray_ports(port_base, free_block(port_base, alloc.job_id, slot), slot)
+
+
+def run_worker(alloc: Allocation, ports: dict[str, int], head: str, token: str,
+               replace: bool = True) -> None:
+    """Run the Ray worker node of this Slurm node, on ``ports``, until the cluster
+    stops: in place of this process (``replace``; an srun step the head ends), or as a
+    child whose exit, when the head has gone, is the normal end of an srun task."""
+    env = with_token(token, head)
     cmd = ray_start_command(alloc, alloc.this_node, ports, head, node_address(alloc.this_node))
     deadline = time.monotonic() + 120
     while True:  # the head may still be starting: retry until it answers
@@ -372,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: no RAY_AUTH_TOKEN (start workers through the job's pipeline train)",
               file=sys.stderr)
         return 2
-    run_worker(alloc, args.port_base, args.head, token)
+    run_worker(alloc, worker_ports(alloc, args.port_base), args.head, token)
     return 0
 
 

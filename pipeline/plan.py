@@ -384,7 +384,7 @@ def resolve_plan(cfg: Config, environ: Mapping[str, str] = os.environ,
         "if_fits" if use_gpu else False)
     return ExecutionPlan(
         where=where, nodes=len(nodes), node_names=tuple(nodes),
-        workers=per_node if where != "slurm" else per_node * len(nodes),
+        workers=per_node * len(nodes),
         workers_per_node=per_node, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker,
         gpus_per_worker=1 if use_gpu else 0,
         precision="bf16" if use_gpu and t.precision in ("auto", "bf16") else "fp32",
