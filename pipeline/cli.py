@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import select
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +20,8 @@ from pipeline import __version__
 from pipeline.errors import PipelineError
 
 log = logging.getLogger("pipeline")
+
+SIGPIPE_EXIT_CODE = 141  # 128 + SIGPIPE: the shell's code for a writer whose reader left
 
 
 def _add_config(parser: argparse.ArgumentParser) -> None:
@@ -111,6 +115,7 @@ def _leads(text: str) -> list[int]:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.evaluate.evaluate import evaluate_target
+    from pipeline.evaluate.verdict import lead_verdicts
 
     overrides = list(args.overrides)
     if args.split:
@@ -118,6 +123,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.leads:
         overrides.append(f"evaluate.leads={args.leads}")
     eval_dir = evaluate_target(args.config, overrides)
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    print(f"{metrics['split']} split, {metrics['init_times']} init times:")
+    print("\n".join(f"  {line}" for line in lead_verdicts(metrics)))
     print(f"wrote {eval_dir / 'metrics.json'} and {eval_dir / 'report.html'}")
     return 0
 
@@ -336,6 +344,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A reader that closes stdout early (``pipeline inspect S | head``)
+    ends it quietly, with the shell's exit code for a writer stopped by SIGPIPE."""
+    try:
+        try:
+            code = _run(argv)
+        except SystemExit:
+            sys.stdout.flush()  # argparse printed --help or --version, then exited
+            raise
+        sys.stdout.flush()  # a closed stdout fails here, not in the interpreter's exit
+        return code
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise  # another pipe broke (a worker's): a real failure
+        # the interpreter flushes stdout again on exit: let that write go nowhere
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return SIGPIPE_EXIT_CODE
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (poll reports an error on it)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll, or stdout is not a file
+        return False
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from pipeline.logs import configure

@@ -10,6 +10,7 @@ This module is imported on login nodes: it must not import torch, ray or dask.
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import hashlib
 import json
@@ -17,7 +18,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
 
 from pipeline.errors import ConfigError
 
@@ -25,7 +34,26 @@ FORCINGS = ("cos_zenith", "toa_insolation", "sin_time_of_day", "cos_time_of_day"
             "sin_year", "cos_year")
 DERIVED_FUNCTIONS = ("wind_speed", "difference", "sum")
 
-TimeRange = tuple[str, str]
+
+def _iso_time(value: Any) -> Any:
+    """An unquoted YAML date or datetime as the ISO text that ``within()`` slices with.
+
+    YAML reads ``2010-01-07`` as a date and ``2010-01-07 06:00:00`` as a datetime; as
+    text they select the same steps in every calendar (cftime ones too), and a quoted
+    and an unquoted date make the same config (and hash). Aware datetimes become UTC.
+    """
+    if isinstance(value, datetime.datetime):
+        if value.tzinfo is not None:
+            value = value.astimezone(datetime.timezone.utc).replace(tzinfo=None)
+        return value.isoformat()
+    if isinstance(value, datetime.date):
+        return value.isoformat()
+    return value
+
+
+TimeText = Annotated[str, BeforeValidator(_iso_time)]
+"""A time as ISO text ('2010-01-07', '2010-01-07T06:00:00'); YAML dates are accepted."""
+TimeRange = tuple[TimeText, TimeText]
 
 
 class Section(BaseModel):
@@ -47,16 +75,31 @@ class TimeCoding(Section):
 
 
 class Source(Section):
-    """One input: NetCDF/HDF5 files by glob, or a Zarr store. Its variables are merged
-    with those of the other sources on the same grid and time axis."""
+    """One input: NetCDF/HDF5 or GRIB files by glob, or a Zarr store. Its variables are
+    merged with those of the other sources on the same grid and time axis."""
 
-    path: str = Field(description="Glob of NetCDF/HDF5 files, or the path of a Zarr store.")
-    engine: Literal["netcdf4", "h5netcdf", "zarr"] | None = Field(
-        None, description="xarray engine; inferred from the file suffix when omitted.")
+    path: str = Field(description="Glob of NetCDF/HDF5 or GRIB files, or the path of a Zarr store.")
+    engine: Literal["netcdf4", "h5netcdf", "zarr", "cfgrib"] | None = Field(
+        None, description="xarray engine; inferred from the file suffix when omitted "
+        "(.grib, .grib1, .grib2, .grb, .grb2: cfgrib).")
+    filter_by_keys: dict[str, str | int | float | list[str | int | float]] = Field(
+        default_factory=dict, description="GRIB only: the messages to read, by GRIB key, e.g. "
+        "{shortName: t, typeOfLevel: isobaricInhPa} (cfgrib reads one kind of message at a "
+        "time; a file that mixes levels or parameters needs one source per kind).")
     rename: dict[str, str] = Field(default_factory=dict,
                                    description="Rename variables or dimensions: {old: new}.")
     static: bool = Field(False, description="Time-invariant fields (orography, land-sea mask).")
     time: TimeCoding | None = Field(None, description="Decode integer time steps (see TimeCoding).")
+    axes: dict[Literal["time", "lat", "lon", "level"], str] = Field(
+        default_factory=dict, description="The variable holding each axis where CF attributes "
+        "and common names do not find it, e.g. {time: valid_time, lat: latitude}; a 1-D "
+        "variable of a plain HDF5 file becomes the coordinate of its dimension.")
+    select: dict[str, str | int | float] = Field(
+        default_factory=dict, description="One value of each extra dimension or coordinate, "
+        "e.g. {number: 0} (an ensemble member) or {expver: '0001'}.")
+    level_units: str | None = Field(
+        None, description="Units of the level axis where the files do not say (Pa, hPa); "
+        "pressure levels are converted to hPa, the unit of data.variables[].levels.")
 
 
 class Variable(Section):
@@ -116,9 +159,10 @@ class Data(Section):
     sources: list[Source] = Field(min_length=1)
     variables: list[Variable | str] = Field(min_length=1)
     static: list[str] = Field(default_factory=list, description="Static fields to store.")
-    level_dim: str = Field("level", description="Name of the vertical dimension in the sources.")
-    start: str | None = Field(None, description="First time to store (default: first in sources).")
-    end: str | None = Field(None, description="Last time to store (default: last in sources).")
+    level_dim: str = Field("level", description="Name of the vertical dimension in the "
+                           "sources where CF attributes do not mark it (positive, axis: Z).")
+    start: TimeText | None = Field(None, description="First time to store (default: first in sources).")
+    end: TimeText | None = Field(None, description="Last time to store (default: last in sources).")
     frequency: str = Field("6h", description="Time step as a pandas offset: 6h, 1D, MS (monthly).")
     splits: Splits
     coarsen: int = Field(1, ge=1, description="Integer coarsening factor in lat and lon (area weighted).")
@@ -207,7 +251,10 @@ class Train(Section):
     keep_checkpoints: int = Field(3, ge=1)
     max_failures: int = Field(2, ge=0)
     early_stopping_patience: int | None = Field(
-        None, ge=1, description="Stop after this many validations without improvement.")
+        5, ge=1, description="Stop after this many validations in a row without improvement "
+        "(null: never). The default 5 is 250 steps at val_every 50: small data with a "
+        "seasonal cycle (a few hundred monthly samples) overfits within a few hundred steps, "
+        "and best/ keeps the checkpoint with the lowest val loss either way.")
     early_stopping_min_delta: float = Field(
         0.0, ge=0, description="Relative decrease of val loss that counts as improvement.")
     seed: int = 0
@@ -244,6 +291,12 @@ class Train(Section):
         None, description="Warm start: a checkpoint folder (e.g. runs/NAME/best or a registry "
         "version's best/) whose model weights initialise a new run (fresh optimiser, step 0). "
         "Ignored once the run has checkpoints of its own: it then resumes from them.")
+
+    def stops_early(self, evals_without_improvement: int) -> bool:
+        """Whether early stopping ends a run after this many validations in a row without
+        improvement: the loop's rule, and how `pipeline run` knows a run is finished."""
+        patience = self.early_stopping_patience
+        return patience is not None and evals_without_improvement >= patience
 
 
 class Evaluate(Section):
@@ -339,6 +392,25 @@ class Config(Section):
 # --------------------------------------------------------------------------- loading
 
 
+class _Loader(yaml.SafeLoader):
+    """The safe loader, except that a date the Gregorian calendar lacks stays text (an
+    unquoted ``2000-02-30`` of a 360_day calendar), where the safe loader would fail."""
+
+
+def _timestamp(loader: _Loader, node: yaml.ScalarNode) -> Any:
+    try:
+        return loader.construct_yaml_timestamp(node)
+    except ValueError:
+        return loader.construct_scalar(node)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:timestamp", _timestamp)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # safe: _Loader is a SafeLoader
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """Split ``a.b.c=value`` into a key path and a YAML-parsed value."""
     key, sep, raw = item.partition("=")
@@ -346,7 +418,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override '{item}' is not key.path=value",
                           "write e.g. --set train.max_steps=100")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.strip().split("."), value
@@ -440,7 +512,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}", "pass the path of a YAML config")
     try:
-        tree = yaml.safe_load(path.read_text())
+        tree = _load_yaml(path.read_text())
     except yaml.YAMLError as err:
         line = getattr(getattr(err, "problem_mark", None), "line", None)
         where = f" at line {line + 1}" if line is not None else ""

@@ -28,6 +28,7 @@ import pandas as pd
 
 from pipeline.config import Config, config_hash
 from pipeline.errors import ConfigError
+from pipeline.evaluate.verdict import lead_verdict
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +111,9 @@ def training_done(cfg: Config) -> int | None:
     if found is None or not (run_dir / "best" / checkpoint.META_FILE).exists():
         return None
     progress = found[1]["progress"]
-    patience = cfg.train.early_stopping_patience
-    stopped_early = patience is not None and progress["evals_without_improvement"] >= patience
-    return progress["step"] if progress["step"] >= cfg.train.max_steps or stopped_early else None
+    finished = (progress["step"] >= cfg.train.max_steps
+                or cfg.train.stops_early(progress["evals_without_improvement"]))
+    return progress["step"] if finished else None
 
 
 def evaluation_current(cfg: Config, run_dir: Path) -> bool:
@@ -171,12 +172,8 @@ def evaluate_stage(cfg: Config, out: Outcome) -> dict[str, Any]:
 
 
 def lead_summary(metrics: dict[str, Any], lead: int) -> str:
-    """One line: the model's RMSE against persistence per channel at ``lead``."""
-    rows = [r for r in metrics["records"] if r["lead"] == lead]
-    beats = sum(1 for r in rows if r["rmse"] is not None and r["rmse_persistence"] is not None
-                and r["rmse"] < r["rmse_persistence"])
-    return (f"{metrics['split']} split, lead {lead}: RMSE below persistence for {beats} of "
-            f"{len(rows)} channels")
+    """One line: on how many channels the model beats persistence and climatology."""
+    return f"{metrics['split']} split, {lead_verdict(metrics, lead)}"
 
 
 # --------------------------------------------------------------------------- run

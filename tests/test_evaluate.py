@@ -227,6 +227,42 @@ def test_climatology_groupings() -> None:
                             window=4)
 
 
+# --------------------------------------------------------------------------- verdicts
+
+
+def _record(channel: str, lead: int, rmse, persistence, clim, hours: float | None = None) -> dict:
+    return {"channel": channel, "lead": lead, "rmse": rmse, "rmse_persistence": persistence,
+            "rmse_climatology": clim, "lead_steps": lead, "lead_hours": hours}
+
+
+def test_verdicts_count_per_lead_and_name_channels_without_scores() -> None:
+    from pipeline.evaluate.verdict import lead_verdicts
+
+    records = [_record("t2m", 1, 1.0, 2.0, 3.0, 6.0), _record("msl", 1, 2.0, 1.0, 3.0, 6.0),
+               _record("sst", 1, None, 1.0, 1.0, 6.0), _record("z500", 1, 1.0, 2.0, math.nan, 6.0),
+               _record("t2m", 8, 3.0, 2.0, 2.0, 48.0), _record("msl", 8, 1.0, 1.0, 3.0, 48.0),
+               _record("sst", 8, 0.5, 1.0, 1.0, 48.0), _record("z500", 8, 1.0, 2.0, 3.0, 48.0)]
+    assert lead_verdicts({"leads": [8, 1], "records": records, "frequency": "6h"}) == [
+        "lead 1 (6 h): beats persistence on 2 of 3 channels, beats climatology on 2 of 2; "
+        "2 channels not compared (no valid RMSE): sst, z500 (vs climatology)",
+        "lead 8 (2 d): beats persistence on 2 of 4 channels, beats climatology on 3 of 4",
+    ]
+
+
+def test_verdict_leads_of_monthly_data_and_of_a_multi_step_model() -> None:
+    from pipeline.evaluate.verdict import lead_verdict
+
+    monthly = [{**_record("sst", 1, 1.0, 2.0, 0.5), "lead_steps": 3}]
+    assert lead_verdict({"records": monthly, "frequency": "MS"}, 1) == (
+        "lead 1 (3 store steps, 3 months): beats persistence on 1 of 1 channels, beats "
+        "climatology on 0 of 1")
+    six_hourly = [{**_record("t2m", 2, 1.0, 2.0, 3.0, 24.0), "lead_steps": 4}]
+    assert lead_verdict({"records": six_hourly, "frequency": "6h"}, 2).startswith(
+        "lead 2 (4 store steps, 24 h): ")
+    unknown = [_record("t2m", 1, 1.0, 2.0, 3.0)]
+    assert lead_verdict({"records": unknown}, 1).startswith("lead 1 (1 store step): ")
+
+
 # --------------------------------------------------------------------------- a trained run
 
 
@@ -384,6 +420,24 @@ def test_report_references_only_images_that_exist(run: Run, evaluated: dict) -> 
         assert (eval_dir / src).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", src
     # the table: a header row and one row per channel and lead, after the 6 summary rows
     assert found.rows == 6 + 1 + len(evaluated["records"])
+
+
+def expected_verdict(records: list[dict], lead: int, when: str) -> str:
+    """What the report and the CLI say about ``lead``, counted here from the records."""
+    rows = [r for r in records if r["lead"] == lead]
+    persistence = sum(r["rmse"] < r["rmse_persistence"] for r in rows)
+    clim = sum(r["rmse"] < r["rmse_climatology"] for r in rows)
+    return (f"lead {lead} ({when}): beats persistence on {persistence} of {len(rows)} channels, "
+            f"beats climatology on {clim} of {len(rows)}")
+
+
+def test_report_says_per_lead_whether_the_model_beats_the_baselines(
+        run: Run, evaluated: dict) -> None:
+    html = (run.run_dir / "eval" / "report.html").read_text()
+    for lead, when in ((1, "6 h"), (2, "12 h"), (4, "24 h")):
+        assert f"<li>{expected_verdict(evaluated['records'], lead, when)}</li>" in html
+    # after 40 steps it beats persistence one step ahead everywhere (see above)
+    assert "lead 1 (6 h): beats persistence on 7 of 7 channels" in html
 
 
 def chromium() -> str:
@@ -586,6 +640,11 @@ def test_cli_evaluate_run_dir_with_split_and_leads(run: Run, tmp_path: Path) -> 
     assert written["split"] == "val" and written["leads"] == [1, 2] and written["init_times"] == 6
     assert written["first_init"].startswith("2000-02-16T00:00")
     assert (copy / "eval" / "report.html").is_file()
+    lines = result.stdout.splitlines()
+    assert lines[0] == "val split, 6 init times:"
+    assert [line.strip() for line in lines[1:3]] == [
+        expected_verdict(written["records"], 1, "6 h"),
+        expected_verdict(written["records"], 2, "12 h")]
 
 
 def test_cli_evaluate_bad_leads_and_split_exit_2(run: Run, capsys: pytest.CaptureFixture[str]) -> None:

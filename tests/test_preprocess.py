@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +121,42 @@ def test_inspect_summarises_the_store(built: Path) -> None:
     assert "complete: 23/23 shards" in result.stdout
     assert "ws850" in result.stdout and "derived" in result.stdout
     assert "train" in result.stdout and "orog" in result.stdout
+
+
+def test_inspect_columns_fit_long_channel_names(make_config, tmp_path: Path,
+                                               dask_scheduler: str) -> None:
+    long = "wind_speed_at_850_hpa_from_u_and_v"
+    config = make_config(store=tmp_path / "long.zarr", derived=[
+        {"name": long, "function": "wind_speed", "inputs": ["u850", "v850"]}])
+    build(config, dask_scheduler)
+    result = run_cli("inspect", str(tmp_path / "long.zarr"))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    header = next(line for line in lines if line.lstrip().startswith("channel"))
+    rows = lines[lines.index(header) + 1:lines.index(header) + 10]
+    role = header.index("role")
+    names = [row[:role].strip() for row in rows]
+    assert names == ["t2m", "msl", "t850", "t500", "u850", "v850", long, "cos_zenith", "sin_year"]
+    ends = [header.index(key) + len(key) for key in ("mean", "std", "min", "max")]
+    for row in rows:  # each column starts (names, roles) or ends (numbers) at the header's
+        assert row[role - 1] == " " and row[role:].split()[0] in ("prognostic", "derived",
+                                                                  "forcing"), row
+        assert len(row) == ends[-1] and all(row[end - 1] != " " for end in ends), row
+        assert len(row.split()) == 6, row  # name, role, mean, std, min, max
+
+
+def test_inspect_into_a_closed_pipe_ends_quietly(built: Path) -> None:
+    """``pipeline inspect STORE | head``: the reader goes away before the summary is
+    written (here it closes the pipe at once, so that the write surely fails)."""
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "inspect", str(built)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode in (0, 141), err
+    assert "Traceback" not in err and "BrokenPipe" not in err and "Exception" not in err, err
 
 
 def test_parts_in_reverse_order_and_repeated_equal_one_run(

@@ -123,7 +123,7 @@ def test_the_time_limit_signal_checkpoints_requeues_and_finishes(slurm_cluster, 
     60-120 s after the start (it checks every 30 s and may signal up to 60 s early). The
     run is far too long for one allocation, so it checkpoints, stops the Ray cluster on
     both nodes and requeues itself; while the requeued job is held, the test shortens
-    the run to 300 steps past that checkpoint, so that the next allocation finishes it
+    the run to 100 steps past that checkpoint, so that the next allocation finishes it
     however fast this machine trains."""
     cfg = slurm_config(tmp_path, tiny_store.parent, nodes=2, cpus_per_task=1, time="4",
                        signal_seconds=120)
@@ -146,7 +146,7 @@ def test_the_time_limit_signal_checkpoints_requeues_and_finishes(slurm_cluster, 
     # Slurm holds a requeued job until the old credential expires (10 s here)
     slurm_cluster.run("scontrol", "hold", job)
     stopped_at = int(checkpoint.list_steps(run / "checkpoints")[0].name.removeprefix("step-"))
-    cfg["train"]["max_steps"] = stopped_at + 300
+    cfg["train"]["max_steps"] = stopped_at + 100
     write_config(tmp_path / "c.yaml", cfg)
     slurm_cluster.run("scontrol", "release", job)
     state = slurm_cluster.wait_job(job, timeout=600)
@@ -158,7 +158,7 @@ def test_the_time_limit_signal_checkpoints_requeues_and_finishes(slurm_cluster, 
     assert log.count("plan: 2 Ray Train workers (1 per node)") >= 2, log  # both allocations
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert stopped_at in steps and steps == sorted(steps), steps
-    assert steps[-1] == stopped_at + 300, steps
+    assert steps[-1] == stopped_at + 100, steps
 
 
 def test_scheduled_retraining_queues_its_next_run(slurm_cluster, tiny_raw: Path,

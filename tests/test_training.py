@@ -209,6 +209,43 @@ def test_early_stopping_ends_the_run(tiny_store: Path, tmp_path: Path) -> None:
     assert final["step"] == 20
 
 
+def test_early_stopping_is_on_by_default_and_best_is_the_lowest_val_loss(
+        tiny_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scripted validation losses, real training otherwise: the default patience (5)
+    stops the run at the 5th validation after the best one; best/ holds that best
+    checkpoint, not the last one; `pipeline run` sees the run as finished."""
+    from pipeline.workflows import training_done
+
+    script = iter([1.0, 0.5, 0.7, 0.6, 0.55, 0.9, 0.51, 0.4])  # best at the 2nd (step 4)
+
+    def validate(self: Trainer) -> dict:
+        return {"val_loss": next(script), "val_loss_persistence": 1.0, "val_rmse": {}}
+
+    monkeypatch.setattr(Trainer, "validate", validate)
+    cfg = config(tiny_store, tmp_path, max_steps=30, val_every=2, checkpoint_every=2,
+                 batch_size=2, warmup_steps=0)
+    assert cfg.train.early_stopping_patience == 5
+    final = train_loop(cfg, local_runtime(cfg))
+    assert final["step"] == 14  # validations at 6, 8, 10, 12, 14 did not improve on step 4
+    assert [m["step"] for m in metrics(cfg.run_dir())] == list(range(2, 16, 2))
+    best_state, best_meta = checkpoint.load(cfg.run_dir() / "best")
+    assert best_meta["step"] == 4 and best_state["progress"]["best_val"] == 0.5
+    step_4 = checkpoint.load(cfg.run_dir() / "checkpoints" / checkpoint.step_dir_name(4))[0]
+    assert_bitwise_equal(best_state["model"], step_4["model"])
+    assert not all(torch.equal(best_state["model"][k], v) for k, v in final_weights(
+        cfg.run_dir()).items())
+    assert training_done(cfg) == 14
+
+
+def test_the_demo_is_not_cut_short_by_the_default_early_stopping() -> None:
+    """configs/demo.yaml validates fewer times than the default patience needs."""
+    from pipeline.config import load_config
+
+    train = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml").train
+    assert train.early_stopping_patience is not None
+    assert train.max_steps // train.val_every <= train.early_stopping_patience
+
+
 def test_batched_validation_equals_the_per_sample_means(tiny_store: Path, tmp_path: Path) -> None:
     """Validation in batches of train.val_batch_size (7: the last batch is short) gives the
     means of the per-sample losses and errors, computed here one sample at a time."""

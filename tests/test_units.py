@@ -79,6 +79,19 @@ def test_light_modules_do_not_import_heavy_libraries() -> None:
     assert out.stdout.strip() == ""
 
 
+def test_a_broken_pipe_other_than_stdout_is_not_hidden(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI ends quietly when its stdout's reader goes away (tests/test_preprocess.py);
+    any other broken pipe (a worker's) stays a failure."""
+    from pipeline import cli
+
+    def broken(args: object) -> int:
+        raise BrokenPipeError("a worker's pipe")
+
+    monkeypatch.setattr(cli, "cmd_inspect", broken)
+    with pytest.raises(BrokenPipeError, match="worker"):
+        cli.main(["inspect", "store.zarr"])
+
+
 # --------------------------------------------------------------------------- statistics
 
 

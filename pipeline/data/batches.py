@@ -226,8 +226,10 @@ def read_task(dataset: ForecastDataset, out: dict[str, np.ndarray], rows: slice,
     buffer ``out``. Host path (``first_row`` None): the samples, normalised. Device
     path: the run's raw steps from ``first_row`` on, and where each sample's rows are."""
     if first_row is None:
+        masks = out["target_masks"][rows] if "target_masks" in out else None
         out["index"][rows] = dataset.read_run_into(
-            indices, out["inputs"][rows], out["target_forcings"][rows], out["targets"][rows])
+            indices, out["inputs"][rows], out["target_forcings"][rows], out["targets"][rows],
+            masks)
         return
     out["index"][rows] = dataset.read_raw_run_into(indices, out["steps"][first_row:])
     inputs_at, targets_at = dataset.sample_rows(len(indices))

@@ -46,9 +46,9 @@ from pipeline.data.sources import (
     load_window,
     scan_sources,
     time_axis,
-    time_label,
     within,
 )
+from pipeline.data.timeaxis import store_frequency, time_label
 from pipeline.data.transforms import (
     ChannelPlan,
     channel_attributes,
@@ -156,7 +156,7 @@ def _attrs(cfg: Config, plan: BuildPlan) -> dict[str, Any]:
         "sources": _provenance(plan),
         "splits": {k: list(v) for k, v in resolved_dict(cfg.data.splits).items()},
         "channel_attrs": channel_attributes(cfg.data, plan.channels, plan.scans),
-        "frequency": cfg.data.frequency,
+        "frequency": store_frequency(cfg.data.frequency),
         "time_start": time_label(plan.times[0]),
         "time_end": time_label(plan.times[-1]),
         "grid": {"lat_range": [float(plan.lat[0]), float(plan.lat[-1])],

@@ -1,5 +1,5 @@
 """Latitude-longitude grid helpers: canonical orientation, cell bounds, area weights,
-area-weighted coarsening.
+area-weighted coarsening. (Finding and naming the axes is :mod:`pipeline.data.axes`.)
 
 Area weights follow WeatherBench 2: each cell's area on the sphere is proportional to
 the difference of the sines of its latitude bounds, which holds for global and regional
@@ -13,43 +13,40 @@ import xarray as xr
 
 from pipeline.errors import SourceError
 
-LAT_NAMES = ("lat", "latitude", "nav_lat", "y")
-LON_NAMES = ("lon", "longitude", "nav_lon", "x")
 
+def canonical_longitudes(lon: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The columns to keep (indices into ``lon``, in their new order) and their new
+    longitudes: one ascending axis whatever the source's convention.
 
-def _find_dim(ds: xr.Dataset, names: tuple[str, ...], standard_name: str) -> str | None:
-    """The dimension holding latitude (or longitude): by CF standard_name, then by name."""
-    for name in ds.dims:
-        if name in ds.coords and ds[name].attrs.get("standard_name") == standard_name:
-            return str(name)
-    for name in names:
-        if name in ds.dims:
-            return name
-    return None
-
-
-def standardise_grid_names(ds: xr.Dataset, origin: str) -> xr.Dataset:
-    """Rename the horizontal dimensions to ``lat`` and ``lon``."""
-    lat = _find_dim(ds, LAT_NAMES, "latitude")
-    lon = _find_dim(ds, LON_NAMES, "longitude")
-    if lat is None or lon is None:
-        raise SourceError(f"{origin}: no latitude/longitude dimensions among {list(ds.dims)}",
-                          "rename them with the source's 'rename' option, e.g. {y: lat, x: lon}")
-    return ds.rename({k: v for k, v in ((lat, "lat"), (lon, "lon")) if k != v})
+    A global grid (its columns go round the circle at their usual spacing) becomes
+    [0, 360). A regional grid stays one contiguous arc: in [0, 360) where that holds
+    it whole (storm tracks over North America: 220..307.5), else starting in
+    [-180, 180) (a European domain -30..40), so that no domain is split at a seam.
+    Columns repeated modulo 360 (a 0 and a 360) are kept once, the first of them.
+    """
+    wrapped = np.mod(np.asarray(lon, dtype=np.float64), 360.0)
+    wrapped = np.where(np.isclose(wrapped, 360.0), 0.0, wrapped)
+    order = np.argsort(wrapped, kind="stable")
+    _, first = np.unique(np.round(wrapped[order], 9), return_index=True)
+    keep, values = order[first], wrapped[order[first]]
+    if values.size < 2:
+        return keep, values
+    gaps = np.diff(np.append(values, values[0] + 360.0))
+    widest = int(np.argmax(gaps))
+    if gaps[widest] < 1.5 * np.median(gaps) or widest == values.size - 1:
+        return keep, values  # global, or a regional arc that [0, 360) holds whole
+    start = widest + 1
+    keep = np.concatenate([keep[start:], keep[:start]])
+    values = np.concatenate([values[start:], values[:start] + 360.0])
+    return keep, values - 360.0 if values[0] >= 180.0 else values
 
 
 def normalise_grid(ds: xr.Dataset) -> xr.Dataset:
-    """Latitudes ascending; longitudes in [0, 360), ascending, duplicates dropped.
-
-    Sources in -180..180 or wrapped past 360 (a repeated 0/360 column) all become the
-    same canonical grid, so that files from different producers line up.
-    """
-    lon = np.mod(ds["lon"].values.astype(np.float64), 360.0)
-    lon = np.where(np.isclose(lon, 360.0), 0.0, lon)
-    order = np.argsort(lon, kind="stable")
-    _, first = np.unique(np.round(lon[order], 9), return_index=True)
-    keep = order[first]
-    ds = ds.isel(lon=keep).assign_coords(lon=("lon", lon[keep], ds["lon"].attrs))
+    """Latitudes ascending; longitudes ascending and contiguous
+    (:func:`canonical_longitudes`), duplicates dropped: files from different producers
+    and conventions (-180..180, 0..360, wrapped past 360) line up on one grid."""
+    keep, lon = canonical_longitudes(ds["lon"].values)
+    ds = ds.isel(lon=keep).assign_coords(lon=("lon", lon, ds["lon"].attrs))
     lat = ds["lat"].values
     if lat.size > 1 and lat[0] > lat[-1]:
         ds = ds.isel(lat=slice(None, None, -1))

@@ -3,8 +3,11 @@
 A sample is ``history`` consecutive input steps ending at time index ``t`` (all
 channels), the forcing channels at each target time, and the predicted channels
 (prognostic and derived) at ``t + lead * k`` for ``k = 1 .. rollout``, all normalised
-with the store's statistics. Each read takes the contiguous range of steps a sample
-needs (each step is one chunk), or that a run of samples at consecutive times needs
+with the store's statistics; in a store with masks (``data.nan.policy: fill``) also the
+mask channels at each target time, which say where a target is missing
+(:meth:`Layout.valid`, :meth:`StoreInfo.missing_above`). Each read takes the
+contiguous range of steps a sample needs (each step is one chunk), or that a run of
+samples at consecutive times needs
 (they share all but one step), decoded straight from the shard files
 (``pipeline.data.shards``) or, for other layouts, through zarr: no dask and no xarray
 on the hot path. The store is opened lazily in each process, so DataLoader workers
@@ -32,28 +35,75 @@ from zarr.core.buffer import default_buffer_prototype
 from pipeline.data import store
 from pipeline.data.shards import ShardFiles
 from pipeline.data.sources import within
+from pipeline.data.transforms import mask_name
 from pipeline.errors import ConfigError, StoreError
 
 OUTPUT_ROLES = ("prognostic", "derived")
+# A point is missing where its stored mask exceeds this: the mask is 1 where the input
+# was missing, after coarsening the missing fraction of the cell (any missing input
+# cell makes the coarse value part fill value), and exactly 0 elsewhere.
+MISSING_ABOVE = 1e-6
 
 
 @dataclass(frozen=True)
 class Layout:
-    """Which stored channels are predicted, which are forcings, which are masks."""
+    """Which stored channels are predicted, which are forcings, which are masks, and
+    which masks say where each predicted channel is missing."""
 
     channels: tuple[str, ...]
     outputs: tuple[int, ...]  # predicted: prognostic and derived
     forcings: tuple[int, ...]
     masks: tuple[int, ...]
+    # per output: positions in ``masks`` of the masks that make it missing (its own, or
+    # for a derived channel those of its inputs: missing where any input is)
+    output_masks: tuple[tuple[int, ...], ...]
 
     @classmethod
-    def from_roles(cls, channels: list[str], roles: list[str]) -> Layout:
+    def from_roles(cls, channels: list[str], roles: list[str],
+                   derived: dict[str, list[str]] | None = None) -> Layout:
+        """The layout of a store's channels from their roles; ``derived``: the inputs of
+        each derived channel (the store's ``data.derived``), in build order."""
         pick = lambda wanted: tuple(i for i, r in enumerate(roles) if r in wanted)  # noqa: E731
-        return cls(tuple(channels), pick(OUTPUT_ROLES), pick(("forcing",)), pick(("mask",)))
+        outputs, masks = pick(OUTPUT_ROLES), pick(("mask",))
+        position = {channels[i]: k for k, i in enumerate(masks)}
+        sources: dict[str, set[int]] = {}
+        for i in outputs:  # prognostic first, then derived in build order (chains resolve)
+            name = channels[i]
+            own = {position[mask_name(name)]} if mask_name(name) in position else set()
+            for source in (derived or {}).get(name, []):
+                own |= sources.get(source, set())
+            sources[name] = own
+        return cls(tuple(channels), outputs, pick(("forcing",)), masks,
+                   tuple(tuple(sorted(sources[channels[i]])) for i in outputs))
 
     @property
     def output_names(self) -> list[str]:
         return [self.channels[i] for i in self.outputs]
+
+    @property
+    def has_masks(self) -> bool:
+        """Whether any predicted channel can be missing somewhere."""
+        return any(self.output_masks)
+
+    def mask_incidence(self) -> np.ndarray:
+        """``(output, mask)`` float32: 1 where the mask can make the output missing."""
+        incidence = np.zeros((len(self.outputs), len(self.masks)), np.float32)
+        for j, positions in enumerate(self.output_masks):
+            incidence[j, list(positions)] = 1.0
+        return incidence
+
+    def valid(self, steps: np.ndarray) -> np.ndarray | None:
+        """Where each predicted channel holds data: raw stored ``steps`` ``(..., channel,
+        lat, lon)`` (all channels) -> bool ``(..., output, lat, lon)``, False where a
+        mask of the output marks the point missing; None for a store without masks."""
+        if not self.has_masks:
+            return None
+        missing = np.asarray(steps)[..., list(self.masks), :, :] > MISSING_ABOVE
+        valid = np.ones((*missing.shape[:-3], len(self.outputs), *missing.shape[-2:]), bool)
+        for j, positions in enumerate(self.output_masks):
+            if positions:
+                valid[..., j, :, :] = ~missing[..., list(positions), :, :].any(axis=-3)
+        return valid
 
 
 class StoreInfo:
@@ -64,7 +114,9 @@ class StoreInfo:
         group = store.open_complete(self.path)
         self.attrs = group.attrs.asdict()
         channels = store.channel_names(group)
-        self.layout = Layout.from_roles(channels, [str(r) for r in group["channel_role"][:]])
+        derived = self.attrs.get("config", {}).get("data", {}).get("derived", [])
+        self.layout = Layout.from_roles(channels, [str(r) for r in group["channel_role"][:]],
+                                        {d["name"]: list(d["inputs"]) for d in derived})
         self.n_time = int(group["data"].shape[0])
         self.lat = np.asarray(group["lat"][:], dtype=np.float64)
         self.lon = np.asarray(group["lon"][:], dtype=np.float64)
@@ -104,6 +156,14 @@ class StoreInfo:
         """Per-channel (mean, std) as float32; constant channels get std 1."""
         std = np.where(self.stats["std"] > 1e-12, self.stats["std"], 1.0)
         return self.stats["mean"].astype(np.float32), std.astype(np.float32)
+
+    def missing_above(self) -> np.ndarray:
+        """Per mask channel (``layout.masks``), the normalised value above which a target
+        is missing: :data:`MISSING_ABOVE` in model units. A mask of 0 normalises to
+        ``-mean / std`` within rounding, far below it."""
+        mean, std = self.normalisation()
+        masks = list(self.layout.masks)
+        return ((MISSING_ABOVE - mean[masks].astype(np.float64)) / std[masks]).astype(np.float32)
 
     def tendency_scale(self) -> np.ndarray:
         """diff_std / std of the predicted channels: the size of a normalised one-step change."""
@@ -174,6 +234,7 @@ class ForecastDataset(Dataset):
         self._mean, self._inv_std = mean[:, None, None], (1.0 / std)[:, None, None]
         self._outputs = _channel_selector(self.layout.outputs)
         self._forcings = _channel_selector(self.layout.forcings)
+        self._masks = _channel_selector(self.layout.masks) if self.layout.has_masks else None
         grid = (info.lat.size, info.lon.size)
         n_out, n_forcing = len(self.layout.outputs), len(self.layout.forcings)
         self.sample_shapes: dict[str, tuple[int, ...]] = {
@@ -181,12 +242,22 @@ class ForecastDataset(Dataset):
             "target_forcings": (rollout, n_forcing, *grid),
             "targets": (rollout, n_out, *grid),
         }
+        if self.layout.has_masks:
+            self.sample_shapes["target_masks"] = (rollout, len(self.layout.masks), *grid)
         self._block_shape = (history + lead * rollout, len(self.layout.channels), *grid)
         self._array: zarr.Array | None = None
         self._steps: ShardFiles | None = None  # None: zarr reads (see read_steps_into)
         self._pid = -1
         self._local = threading.local()
         self._on_device: dict[torch.device, tuple[Any, ...]] = {}  # see _device_constants
+
+    @property
+    def _target_channels(self) -> dict[str, slice | np.ndarray]:
+        """What a sample holds at its target times: key -> stored channels, in order."""
+        channels = {"target_forcings": self._forcings, "targets": self._outputs}
+        if self._masks is not None:
+            channels["target_masks"] = self._masks
+        return channels
 
     def __getstate__(self) -> dict[str, Any]:
         # the zarr handle, the per-thread read buffers and the device copies stay in the
@@ -276,7 +347,7 @@ class ForecastDataset(Dataset):
     def normalise_(self, steps: torch.Tensor) -> None:
         """Normalise raw steps (rows, channel, lat, lon) in place, on their device: the
         numpy path's float32 operations, so bitwise its values."""
-        mean, inv_std, _, _ = self._device_constants(steps.device)
+        mean, inv_std, _ = self._device_constants(steps.device)
         steps.sub_(mean).mul_(inv_std)
 
     def gather(self, steps: torch.Tensor, inputs_at: torch.Tensor, targets_at: torch.Tensor,
@@ -287,7 +358,7 @@ class ForecastDataset(Dataset):
         into fresh tensors. Target channels are picked before the rows are gathered,
         so each value is copied once. (A fresh 100 MB tensor on the CPU costs several
         times its copy in page faults: reuse buffers there.)"""
-        _, _, forcings, outputs = self._device_constants(steps.device)
+        _, _, targets = self._device_constants(steps.device)
         batch = inputs_at.shape[0]
         if out is None:
             out = {k: torch.empty((batch, *shape), dtype=steps.dtype, device=steps.device)
@@ -295,7 +366,7 @@ class ForecastDataset(Dataset):
         torch.index_select(steps, 0, inputs_at.reshape(-1),
                            out=out["inputs"].view(-1, *steps.shape[1:]))
         rows = targets_at.reshape(-1)
-        for key, channels in (("target_forcings", forcings), ("targets", outputs)):
+        for key, channels in targets.items():
             into = out[key].view(-1, *out[key].shape[2:])
             if isinstance(channels, slice):
                 torch.index_select(steps[:, channels], 0, rows, out=into)
@@ -303,34 +374,40 @@ class ForecastDataset(Dataset):
                 torch.index_select(steps.index_select(0, rows), 1, channels, out=into)
         return out
 
-    def _device_constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor,
-                                                               slice | torch.Tensor,
-                                                               slice | torch.Tensor]:
-        """Mean, 1/std and the channel selections on ``device``, copied there once."""
+    def _device_constants(self, device: torch.device) -> tuple[
+            torch.Tensor, torch.Tensor, dict[str, slice | torch.Tensor]]:
+        """Mean, 1/std and the target channel selections on ``device``, copied there once."""
         if device not in self._on_device:
             put = lambda a: a if isinstance(a, slice) else torch.from_numpy(a).to(device)  # noqa: E731
-            self._on_device[device] = tuple(put(a) for a in (self._mean, self._inv_std,
-                                                             self._forcings, self._outputs))
+            self._on_device[device] = (put(self._mean), put(self._inv_std),
+                                       {k: put(c) for k, c in self._target_channels.items()})
         return self._on_device[device]
 
     def read_run_into(self, indices: Sequence[int], inputs: np.ndarray,
-                      target_forcings: np.ndarray, targets: np.ndarray) -> np.ndarray:
+                      target_forcings: np.ndarray, targets: np.ndarray,
+                      target_masks: np.ndarray | None = None) -> np.ndarray:
         """Write the samples ``indices``, whose times are consecutive (``t, t + 1, ...``),
-        normalised into the given arrays (leading axis: one row per sample), and return
-        their time indices. Neighbouring samples share all but one step, so the union of
-        their steps is read once: a run of n samples reads ``n - 1 + history + lead *
-        rollout`` steps instead of n times ``history + lead * rollout`` (the sampler's
-        blocks keep runs of ``train.shuffle_block`` samples together). The values are
-        bitwise those of reading each sample alone."""
+        normalised into the given arrays (leading axis: one row per sample; ``target_masks``
+        for a store with masks), and return their time indices. Neighbouring samples
+        share all but one step, so the union of their steps is read once: a run of n
+        samples reads ``n - 1 + history + lead * rollout`` steps instead of n times
+        ``history + lead * rollout`` (the sampler's blocks keep runs of
+        ``train.shuffle_block`` samples together). The values are bitwise those of
+        reading each sample alone."""
         times = self._run_times(indices)
+        outs = {"target_forcings": target_forcings, "targets": targets}
+        if self._masks is not None:
+            if target_masks is None:
+                raise ValueError("this store has masks: read_run_into needs target_masks")
+            outs["target_masks"] = target_masks
         block = self._read_block(int(times[0]), extra=times.size - 1)
         if times.size == 1:  # nothing shared: normalise straight into the sample
-            self._normalise_into(block, inputs[0], target_forcings[0], targets[0])
+            self._normalise_into(block, inputs[0], {k: v[0] for k, v in outs.items()})
             return times
         self._normalise_steps(block, self._steps_used(times.size))
         span = self._block_shape[0]
         for k in range(times.size):
-            self._sample_into(block[k:k + span], inputs[k], target_forcings[k], targets[k])
+            self._sample_into(block[k:k + span], inputs[k], {key: v[k] for key, v in outs.items()})
         return times
 
     def _steps_used(self, n: int) -> np.ndarray:
@@ -349,12 +426,14 @@ class ForecastDataset(Dataset):
             np.multiply(step, self._inv_std, out=step)
 
     def _normalise_into(self, window: np.ndarray, inputs: np.ndarray,
-                        target_forcings: np.ndarray, targets: np.ndarray) -> None:
-        """One sample from its raw steps ``window`` (history, then the lead steps)."""
+                        targets: dict[str, np.ndarray]) -> None:
+        """One sample from its raw steps ``window`` (history, then the lead steps);
+        ``targets``: the sample's arrays of each key of ``_target_channels``."""
         np.subtract(window[:self.history], self._mean, out=inputs)
         inputs *= self._inv_std
         rows = self._target_rows(window)
-        for out, channels in ((target_forcings, self._forcings), (targets, self._outputs)):
+        for key, channels in self._target_channels.items():
+            out = targets[key]
             np.subtract(rows[:, channels], self._mean[channels], out=out)
             out *= self._inv_std[channels]
 
@@ -363,11 +442,12 @@ class ForecastDataset(Dataset):
         return window[self.history - 1 + self.lead:: self.lead][: self.rollout]
 
     def _sample_into(self, window: np.ndarray, inputs: np.ndarray,
-                     target_forcings: np.ndarray, targets: np.ndarray) -> None:
+                     targets: dict[str, np.ndarray]) -> None:
         """One sample from its normalised steps ``window`` (history, then the lead steps)."""
         np.copyto(inputs, window[:self.history])
         rows = self._target_rows(window)
-        for out, channels in ((target_forcings, self._forcings), (targets, self._outputs)):
+        for key, channels in self._target_channels.items():
+            out = targets[key]
             if isinstance(channels, slice):
                 np.copyto(out, rows[:, channels])
             else:
@@ -389,8 +469,10 @@ class ForecastDataset(Dataset):
         arrays = {k: np.empty((n, *shape), dtype=np.float32) for k, shape in self.sample_shapes.items()}
         times = np.empty(n, dtype=np.int64)
         for run in consecutive_runs(self.times[np.asarray(indices, dtype=np.int64)], RUN_LENGTH):
+            masks = arrays["target_masks"][run] if "target_masks" in arrays else None
             times[run] = self.read_run_into(indices[run], arrays["inputs"][run],
-                                            arrays["target_forcings"][run], arrays["targets"][run])
+                                            arrays["target_forcings"][run], arrays["targets"][run],
+                                            masks)
         return {**{k: torch.from_numpy(a) for k, a in arrays.items()},
                 "index": torch.from_numpy(times)}
 

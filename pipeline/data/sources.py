@@ -22,7 +22,10 @@ import pandas as pd
 import xarray as xr
 
 from pipeline.config import Data, Source
-from pipeline.data.grid import normalise_grid, standardise_grid_names
+from pipeline.data import grib
+from pipeline.data.axes import LEVEL, TIME, standardise_axes
+from pipeline.data.grid import normalise_grid
+from pipeline.data.timeaxis import check_regular, period_labels
 from pipeline.errors import SourceError
 
 log = logging.getLogger(__name__)
@@ -54,6 +57,12 @@ class SourceScan:
     attributes: dict[str, dict[str, str]] = field(default_factory=dict)  # CF attrs by variable
     lat: np.ndarray | None = None
     lon: np.ndarray | None = None
+    level_dim: str = LEVEL  # data.level_dim, for opening its files again
+
+    def time_invariant(self) -> list[str]:
+        """Variables without a time dimension: the static fields this source can give."""
+        return [name for name, dims in self.variables.items()
+                if self.source.static or TIME not in dims]
 
 
 def expand_paths(source: Source) -> list[str]:
@@ -76,11 +85,14 @@ def _engine(path: str, source: Source) -> str:
         return source.engine
     if path.rstrip("/").endswith(".zarr"):
         return "zarr"
+    if Path(path).suffix.lower() in grib.GRIB_SUFFIXES:
+        return "cfgrib"
     return "netcdf4"
 
 
-def open_file(path: str, source: Source) -> xr.Dataset:
-    """Open one file lazily, decode CF conventions, rename, and orient its grid.
+def open_file(path: str, source: Source, level_dim: str = LEVEL) -> xr.Dataset:
+    """Open one file lazily, decode CF conventions, find and name its axes (``time``,
+    ``lat``, ``lon``, ``level``: :mod:`pipeline.data.axes`), and orient its grid.
 
     Corrupt or truncated files raise :class:`SourceError` naming the file.
     """
@@ -89,18 +101,27 @@ def open_file(path: str, source: Source) -> xr.Dataset:
     kwargs: dict[str, Any] = {"engine": engine, "decode_times": decode_times, "cache": False}
     if engine == "zarr":
         kwargs["consolidated"] = _has_consolidated_metadata(path)
+    elif engine == "cfgrib":
+        kwargs["backend_kwargs"] = grib.backend_kwargs(source)
+    elif source.filter_by_keys:
+        raise SourceError(f"data.sources[].filter_by_keys is for GRIB files, not {path}",
+                          "remove it, or set engine: cfgrib for GRIB files without a GRIB suffix")
     try:
         ds = xr.open_dataset(path, **kwargs)
     except Exception as err:  # noqa: BLE001 - any backend failure means an unreadable file
         reason = " ".join(str(err).split())[:200] or type(err).__name__
+        if engine == "cfgrib" and grib.is_build_error(err):
+            raise grib.mixed_messages(path, err) from None
         raise SourceError(f"cannot read source file {path}: {reason}",
                           "the file is corrupt or truncated; re-download or remove it") from None
+    if engine == "cfgrib":
+        ds = grib.conform(ds, source, path)
     if source.rename:
         present = {k: v for k, v in source.rename.items() if k in ds.variables or k in ds.dims}
         ds = ds.rename(present)
+    ds = standardise_axes(ds, source, level_dim, path)
     if source.time is not None:
         ds = _decode_integer_time(ds, source, path)
-    ds = standardise_grid_names(ds, path)
     return normalise_grid(ds)
 
 
@@ -119,20 +140,21 @@ def _decode_integer_time(ds: xr.Dataset, source: Source, path: str) -> xr.Datase
     """Turn integer steps since a reference time (config ``time:``) into CF times."""
     coding = source.time
     assert coding is not None
-    if coding.dim not in ds.dims:
+    if TIME not in ds.dims:
         raise SourceError(f"{path}: no dimension '{coding.dim}' for data.sources[].time.dim",
                           f"dimensions are {list(ds.dims)}")
-    if coding.dim != "time":
-        ds = ds.rename({coding.dim: "time"})
-    raw = ds["time"].values if "time" in ds.coords else np.arange(ds.sizes["time"])
-    encoded = xr.Dataset(coords={"time": ("time", raw, {"units": coding.units,
-                                                        "calendar": coding.calendar})})
+    if TIME not in ds.variables:
+        raise SourceError(f"{path}: the time dimension '{coding.dim}' has no values",
+                          "name the variable that holds the steps with data.sources[].axes, "
+                          "e.g. axes: {time: NAME}")
+    encoded = xr.Dataset(coords={TIME: (TIME, ds[TIME].values, {"units": coding.units,
+                                                               "calendar": coding.calendar})})
     try:
         decoded = xr.decode_cf(encoded)
     except Exception as err:  # noqa: BLE001
         raise SourceError(f"{path}: cannot decode time with units '{coding.units}': {err}",
                           "use CF units such as 'hours since 1996-01-05 00:00'") from None
-    return ds.assign_coords(time=decoded["time"])
+    return ds.assign_coords(time=decoded[TIME])
 
 
 def _stat(path: str) -> tuple[int, float]:
@@ -143,37 +165,42 @@ def _stat(path: str) -> tuple[int, float]:
     return st.st_size, st.st_mtime
 
 
-def scan_source(source: Source, level_dim: str) -> SourceScan:
+def scan_source(source: Source, data: Data) -> SourceScan:
     """Open every file of a source for its metadata and check they fit together.
 
     Checks: readable files, the same grid in every file, times strictly increasing
-    within and across files (no duplicates, no overlap). Gaps are checked later,
-    against the configured frequency, on the merged axis.
+    within and across files (no duplicates, no overlap). Each file's times are the
+    store's labels of its steps (:func:`pipeline.data.timeaxis.period_labels`: a
+    calendar period's start for monthly means). Gaps are checked later, against the
+    configured frequency, on the merged axis.
     """
-    scan = SourceScan(source=source)
+    scan = SourceScan(source=source, level_dim=data.level_dim)
     entries: list[tuple[Any, SourceFile, xr.Dataset]] = []
     for path in expand_paths(source):
-        ds = open_file(path, source)
+        ds = open_file(path, source, data.level_dim)
         size, mtime = _stat(path)
         entry = SourceFile(path=os.path.abspath(path), size=size, mtime=mtime)
         if source.static:
-            if "time" in ds.dims and ds.sizes["time"] > 1:
-                raise SourceError(f"static source file {path} has {ds.sizes['time']} time steps",
-                                  "static fields must have no time dimension (or one step)")
+            if TIME in ds.dims and ds.sizes[TIME] > 1:
+                raise SourceError(f"static source file {path} has {ds.sizes[TIME]} time steps",
+                                  "remove 'static: true': a source may hold time steps and "
+                                  "time-invariant fields, which data.static can name")
         else:
-            if "time" not in ds.dims:
-                raise SourceError(f"{path} has no time dimension",
-                                  "mark time-invariant files with 'static: true', or set "
+            if TIME not in ds.dims:
+                dims = ", ".join(f"{d} ({n})" for d, n in ds.sizes.items())
+                raise SourceError(f"{path} has no time dimension among {dims}",
+                                  "mark time-invariant files with 'static: true', name the "
+                                  "time variable with data.sources[].axes: {time: NAME}, or set "
                                   "data.sources[].time for integer time steps")
-            entry.times = ds.indexes["time"]
+            entry.times = period_labels(ds.indexes[TIME], _time_bounds(ds), data.frequency, path)
         _check_grid(scan, ds, path)
         for name, var in ds.data_vars.items():
             if {"lat", "lon"} <= set(var.dims):
                 scan.variables.setdefault(str(name), tuple(str(d) for d in var.dims))
                 scan.attributes.setdefault(str(name), cf_attributes(var.attrs))
-                if level_dim in var.dims:
-                    scan.levels.setdefault(str(name), np.asarray(ds[level_dim].values))
-                    level_units = ds[level_dim].attrs.get("units")
+                if LEVEL in var.dims:
+                    scan.levels.setdefault(str(name), np.asarray(ds[LEVEL].values))
+                    level_units = ds[LEVEL].attrs.get("units")
                     if level_units:
                         scan.attributes[str(name)].setdefault("level_units", str(level_units))
         key = entry.times[0] if entry.times is not None and len(entry.times) else 0
@@ -184,6 +211,18 @@ def scan_source(source: Source, level_dim: str) -> SourceScan:
         _check_times_increasing([e[1] for e in entries])
     scan.files = [e[1] for e in entries]
     return scan
+
+
+def _time_bounds(ds: xr.Dataset) -> np.ndarray | None:
+    """The file's ``(time, 2)`` time bounds (CF ``bounds`` of the time axis), decoded
+    like the times; None where it has none."""
+    name = ds[TIME].attrs.get("bounds") or ds[TIME].encoding.get("bounds")
+    if not name or name not in ds.variables or ds[name].ndim != 2:
+        return None
+    bounds = ds[name]
+    if bounds.dims[0] != TIME:
+        bounds = bounds.transpose(TIME, ...)
+    return np.asarray(bounds.values)
 
 
 def cf_attributes(attrs: dict[str, Any]) -> dict[str, str]:
@@ -226,7 +265,7 @@ def _check_times_increasing(files: list[SourceFile]) -> None:
 
 def scan_sources(cfg: Data) -> list[SourceScan]:
     """Scan every source and check that all of them share one grid."""
-    scans = [scan_source(src, cfg.level_dim) for src in cfg.sources]
+    scans = [scan_source(src, cfg) for src in cfg.sources]
     first = scans[0]
     for scan in scans[1:]:
         if not (_same_axis(scan.lat, first.lat) and _same_axis(scan.lon, first.lon)):
@@ -290,50 +329,19 @@ def within(index: pd.Index, start: str | None, end: str | None) -> np.ndarray:
     return mask
 
 
-def time_label(t: Any) -> str:
-    """A time as ISO text, for messages and attributes (numpy and cftime alike)."""
-    if isinstance(t, (np.datetime64, pd.Timestamp)):
-        return pd.Timestamp(t).isoformat()
-    return t.isoformat() if hasattr(t, "isoformat") else str(t)
-
-
-def check_regular(index: pd.Index, frequency: str) -> None:
-    """Raise naming the first gap if ``index`` is not every ``frequency`` step."""
-    calendar = _calendar_of(index)
-    try:
-        expected = xr.date_range(start=index[0], periods=len(index), freq=frequency,
-                                 calendar=calendar or "standard", use_cftime=calendar is not None)
-    except ValueError as err:
-        raise SourceError(f"data.frequency '{frequency}' is not a valid frequency: {err}",
-                          "use a pandas offset such as 6h, 1D or MS") from None
-    if len(index) and not _index_equal(index, expected):
-        bad = int(np.argmax(~_elementwise_equal(index, expected)))
-        raise SourceError(
-            f"time gap: expected {time_label(expected[bad])} after {time_label(index[bad - 1])} "
-            f"but the sources have {time_label(index[bad])} (data.frequency={frequency})",
-            "fill the missing files or steps, or set data.start/data.end to avoid the gap")
-
-
 def _calendar_of(index: pd.Index) -> str | None:
     """The cftime calendar of an index, or None for numpy datetimes."""
     return getattr(index, "calendar", None) if isinstance(index, xr.CFTimeIndex) else None
 
 
-def _elementwise_equal(a: pd.Index, b: pd.Index) -> np.ndarray:
-    return np.array([x == y for x, y in zip(a, b, strict=True)], dtype=bool)
-
-
-def _index_equal(a: pd.Index, b: pd.Index) -> bool:
-    return len(a) == len(b) and bool(_elementwise_equal(a, b).all())
-
-
 @functools.lru_cache(maxsize=4)
-def _open_for_reading(path: str, size: int, mtime: float, source_json: str) -> xr.Dataset:
+def _open_for_reading(path: str, size: int, mtime: float, source_json: str,
+                      level_dim: str) -> xr.Dataset:
     """``open_file``, kept open for the next windows of the same file: opening decodes
     the file's metadata and coordinates (9 ms for a month of the benchmark's data, a
     fifth of reading a shard's window). Keyed by size and modification time, so a file
     rewritten since is opened again; a handful are kept, as windows move forward."""
-    return open_file(path, Source.model_validate_json(source_json))
+    return open_file(path, Source.model_validate_json(source_json), level_dim)
 
 
 def load_window(scans: list[SourceScan], times: pd.Index, names: dict[str, set[str]]) -> xr.Dataset:
@@ -352,9 +360,11 @@ def load_window(scans: list[SourceScan], times: pd.Index, names: dict[str, set[s
             positions = np.flatnonzero(np.asarray(entry.times.isin(times)))
             if positions.size == 0:
                 continue
-            ds = _open_for_reading(entry.path, entry.size, entry.mtime, scan.source.model_dump_json())
-            try:
-                pieces.append(ds[sorted(wanted)].isel(time=positions).load())
+            ds = _open_for_reading(entry.path, entry.size, entry.mtime,
+                                   scan.source.model_dump_json(), scan.level_dim)
+            try:  # the steps get the store's labels (a period's start for monthly means)
+                pieces.append(ds[sorted(wanted)].isel(time=positions).load()
+                              .assign_coords(time=entry.times[positions]))
             except Exception as err:  # noqa: BLE001 - a read error deep in a file
                 raise SourceError(f"cannot read {entry.path}: {' '.join(str(err).split())[:200]}",
                                   "the file is corrupt or truncated; re-download or remove it"
@@ -369,18 +379,23 @@ def load_window(scans: list[SourceScan], times: pd.Index, names: dict[str, set[s
 
 
 def load_static(scans: list[SourceScan], wanted: list[str]) -> xr.Dataset:
-    """Load the named static fields (each from the first static source that has it)."""
+    """Load the named static fields, each from the first source that has it without a
+    time dimension (a static source, or a store such as WeatherBench 2's that holds
+    time steps and time-invariant fields side by side)."""
     found: dict[str, xr.DataArray] = {}
     for scan in scans:
-        if not scan.source.static:
+        names = [n for n in wanted if n in scan.time_invariant() and n not in found]
+        if not names:
             continue
         for entry in scan.files:
-            ds = open_file(entry.path, scan.source)
-            for name in wanted:
-                if name in ds.data_vars and name not in found:
-                    var = ds[name]
-                    if "time" in var.dims:
-                        var = var.isel(time=0, drop=True)
-                    found[name] = var.drop_vars([c for c in var.coords if c not in ("lat", "lon")]).load()
+            ds = open_file(entry.path, scan.source, scan.level_dim)
+            for name in [n for n in names if n in ds.data_vars and n not in found]:
+                var = ds[name]
+                if TIME in var.dims:
+                    var = var.isel(time=0, drop=True)
+                found[name] = var.drop_vars([c for c in var.coords
+                                             if c not in ("lat", "lon")]).load()
             ds.close()
+            if all(n in found for n in names):
+                break
     return xr.Dataset(found)

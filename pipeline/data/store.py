@@ -198,15 +198,18 @@ def summary(path: str | Path) -> str:
         lines.append(f"split      {split:<5} {start} .. {end}")
     lines.append(f"statistics over {attrs.get('statistics_period')} "
                  f"(frozen since version {attrs.get('statistics_version')})")
-    header = f"  {'channel':<14}{'role':<11}{'mean':>12}{'std':>12}{'min':>12}{'max':>12}"
+    # the name and role columns fit their longest entry, with a space after it
+    wide = max(len(c) for c in ["channel", *channels]) + 2
+    role_wide = max(len(r) for r in ["role", *roles]) + 1
+    header = f"  {'channel':<{wide}}{'role':<{role_wide}}{'mean':>12}{'std':>12}{'min':>12}{'max':>12}"
     lines.append(header)
     stats = statistics(group) if attrs.get("complete") else None
     for i, (name, role) in enumerate(zip(channels, roles, strict=True)):
         if stats is None:
-            lines.append(f"  {name:<14}{role:<11}")
+            lines.append(f"  {name:<{wide}}{role}")
             continue
         values = "".join(f"{stats[k][i]:>12.5g}" for k in ("mean", "std", "min", "max"))
-        lines.append(f"  {name:<14}{role:<11}{values}")
+        lines.append(f"  {name:<{wide}}{role:<{role_wide}}{values}")
     static = [str(c) for c in group["static_channel"][:]]
     lines.append(f"static     {', '.join(static) or 'none'}")
     lines.append(f"sources    {len(attrs.get('sources', []))} files; config hash "

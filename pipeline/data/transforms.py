@@ -14,9 +14,11 @@ import numpy as np
 import xarray as xr
 
 from pipeline.config import Data, level_channel
+from pipeline.data.axes import LEVEL
 from pipeline.data.forcings import forcing_field
 from pipeline.data.grid import coarsen_area_weighted
-from pipeline.data.sources import SourceScan, time_label
+from pipeline.data.sources import SourceScan
+from pipeline.data.timeaxis import time_label
 from pipeline.errors import SourceError
 
 ROLES = ("prognostic", "derived", "mask", "forcing")
@@ -56,34 +58,38 @@ def mask_name(channel: str) -> str:
 def plan_channels(cfg: Data, scans: list[SourceScan]) -> ChannelPlan:
     """Check that every configured variable, level and static field exists; order channels."""
     dynamic = [s for s in scans if not s.source.static]
-    static = [s for s in scans if s.source.static]
     var_source: list[tuple[str, str]] = []
+    invariant = sorted({v for s in scans for v in s.time_invariant()})
     for var in cfg.variable_specs():
-        scan = next((s for s in dynamic if var.name in s.variables), None)
+        scan = next((s for s in dynamic if var.name in s.variables
+                     and var.name not in s.time_invariant()), None)
         if scan is None:
-            available = sorted({v for s in dynamic for v in s.variables})
+            if var.name in invariant:
+                raise SourceError(f"variable '{var.name}' has no time dimension",
+                                  "list it under data.static, not data.variables")
+            available = sorted({v for s in dynamic for v in s.variables} - set(invariant))
             raise SourceError(f"variable '{var.name}' is in no source",
                               f"available variables: {', '.join(available)}; "
                               "fix data.variables or a source's 'rename'")
         dims = scan.variables[var.name]
         if var.levels is not None:
-            if cfg.level_dim not in dims:
-                raise SourceError(f"variable '{var.name}' has no '{cfg.level_dim}' dimension "
-                                  f"(dims {list(dims)})", "remove 'levels' or fix data.level_dim")
-            have = scan.levels[var.name]
-            for lev in var.levels:
-                if not np.any(np.isclose(have, lev)):
-                    raise SourceError(f"variable '{var.name}' has no level {lev:g}",
-                                      f"available levels: {', '.join(f'{x:g}' for x in have)}")
-        elif cfg.level_dim in dims:
+            if LEVEL not in dims:
+                raise SourceError(f"variable '{var.name}' has no vertical dimension "
+                                  f"(dims {list(dims)})", "remove 'levels', or name it with "
+                                  "data.level_dim")
+            _check_levels(var.name, var.levels, scan.levels[var.name],
+                          scan.attributes[var.name].get("level_units"))
+        elif LEVEL in dims:
             raise SourceError(f"variable '{var.name}' has levels; choose some",
                               f"write {{name: {var.name}, levels: [...]}} in data.variables")
         var_source.append((var.name, scan.source.path))
     for name in cfg.static:
-        if not any(name in s.variables for s in static):
-            available = sorted({v for s in static for v in s.variables})
-            raise SourceError(f"static field '{name}' is in no static source",
-                              f"available: {', '.join(available) or 'none (mark a source static: true)'}")
+        if name not in invariant:
+            hint = (f"'{name}' has a time dimension: list it under data.variables"
+                    if any(name in s.variables for s in scans)
+                    else f"time-invariant fields: {', '.join(invariant) or 'none'}")
+            raise SourceError(f"static field '{name}' is in no source without a time "
+                              "dimension", hint)
     prognostic = tuple(cfg.prognostic_channels())
     masks: tuple[str, ...] = ()
     if cfg.nan.policy == "fill":
@@ -91,6 +97,30 @@ def plan_channels(cfg: Data, scans: list[SourceScan]) -> ChannelPlan:
     return ChannelPlan(prognostic=prognostic, derived=tuple(d.name for d in cfg.derived),
                        masks=masks, forcings=tuple(cfg.forcings), static=tuple(cfg.static),
                        variable_source=tuple(var_source))
+
+
+def _check_levels(name: str, wanted: list[float], have: np.ndarray, units: str | None) -> None:
+    """Every wanted level (hPa) on the source's axis, which :mod:`pipeline.data.axes`
+    converted to hPa where its units are a pressure unit. An axis without units whose
+    values could be Pa or hPa, and on which the wanted levels exist in both readings
+    (1000 hPa as 100000 Pa, and a 1000 that would be 10 hPa in Pa), is refused."""
+    shown = ", ".join(f"{x:g}" for x in have)
+    for lev in wanted:
+        if not np.any(np.isclose(have, lev)):
+            raise SourceError(f"variable '{name}' has no level {lev:g}"
+                              f"{' ' + units if units else ''}",
+                              f"available levels: {shown}{' ' + units if units else ''}"
+                              + ("" if units else "; the level axis has no units: if they are "
+                                 "Pa, set data.sources[].level_units: Pa"))
+    if units is None and np.nanmax(have) > 1100:  # above any surface pressure in hPa
+        as_pa = [lev for lev in wanted if np.any(np.isclose(have, lev * 100))]
+        if as_pa:
+            raise SourceError(
+                f"variable '{name}': levels {', '.join(f'{x:g}' for x in wanted)} are ambiguous: "
+                f"its level axis has no units and holds both {', '.join(f'{x:g}' for x in wanted)} "
+                f"(as {', '.join(f'{x / 100:g}' for x in wanted)} hPa if in Pa) and "
+                f"{', '.join(f'{x * 100:g}' for x in as_pa)} (as {', '.join(f'{x:g}' for x in as_pa)}"
+                " hPa)", "set data.sources[].level_units: Pa (or hPa)")
 
 
 FORCING_ATTRS = {
@@ -142,11 +172,10 @@ def select_channels(ds: xr.Dataset, cfg: Data) -> dict[str, xr.DataArray]:
         if var.levels is None:
             out[var.name] = _time_lat_lon(da)
             continue
-        have = ds[cfg.level_dim].values
+        have = ds[LEVEL].values
         for lev in var.levels:
             index = int(np.flatnonzero(np.isclose(have, lev))[0])  # presence checked in the plan
-            out[level_channel(var.name, lev)] = _time_lat_lon(
-                da.isel({cfg.level_dim: index}, drop=True))
+            out[level_channel(var.name, lev)] = _time_lat_lon(da.isel({LEVEL: index}, drop=True))
     return out
 
 

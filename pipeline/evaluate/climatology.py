@@ -5,6 +5,11 @@ WeatherBench 2; monthly (or coarser calendar) data by month. The sums and counts
 group are accumulated in one pass over the train split, a block of time steps at a
 time, in physical units and float64, so memory is bounded by the climatology itself.
 
+In a store with masks only the valid points enter (per point, the number of valid
+steps is kept beside the sums): a point missing in some years averages over the others
+and never over the fill value; a point never valid in a group's window has a NaN
+climatology there.
+
 Looking up the climatology at a valid time averages the groups of the same hour within
 ``window`` days (circular over the year; ``window=1`` is no smoothing). A split shorter
 than a year leaves days without data: those take the nearest day of year that has
@@ -13,6 +18,7 @@ data (same hour), and :attr:`Climatology.filled` counts how often that happened.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,10 +77,11 @@ class Climatology:
     by: str
     keys: np.ndarray  # (K, 2) observed groups
     sums: np.ndarray  # (K, C, Y, X) float64
-    counts: np.ndarray  # (K,)
+    counts: np.ndarray  # (K,) time steps
     channels: list[str]
     window: int = 1
     period: int = 366
+    valid_counts: np.ndarray | None = None  # (K, C, Y, X) valid steps per point, with masks
     lookups: int = 0
     filled: int = 0
     _cache: dict[tuple[int, int], np.ndarray] = field(default_factory=dict, repr=False)
@@ -82,7 +89,9 @@ class Climatology:
 
     def means(self) -> np.ndarray:
         """The unsmoothed mean of each observed group, ``(K, C, Y, X)``."""
-        return self.sums / self.counts[:, None, None, None]
+        if self.valid_counts is None:
+            return self.sums / self.counts[:, None, None, None]
+        return _mean_over_valid(self.sums, self.valid_counts)
 
     def value(self, key: tuple[int, int]) -> np.ndarray:
         """The (smoothed) climatology of one group, ``(C, Y, X)`` float64."""
@@ -111,7 +120,9 @@ class Climatology:
                 score = np.where(same, score, np.iinfo(np.int64).max)
             nearest = self.keys[int(np.argmin(score))]
             return self._compute((int(nearest[0]), int(nearest[1])))
-        return self.sums[pick].sum(axis=0) / self.counts[pick].sum()
+        if self.valid_counts is None:
+            return self.sums[pick].sum(axis=0) / self.counts[pick].sum()
+        return _mean_over_valid(self.sums[pick].sum(axis=0), self.valid_counts[pick].sum(axis=0))
 
     def at(self, times: Any) -> np.ndarray:
         """The climatology at each time, ``(T, C, Y, X)`` float64."""
@@ -125,6 +136,11 @@ class Climatology:
                 "lookups": self.lookups, "filled_from_nearest_day": self.filled}
 
 
+def _mean_over_valid(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``sums / counts``, NaN where no step was valid."""
+    return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+
 def _circular(values: np.ndarray, target: int, period: int) -> np.ndarray:
     d = np.abs(values.astype(np.int64) - target) % period
     return np.minimum(d, period - d)
@@ -132,11 +148,14 @@ def _circular(values: np.ndarray, target: int, period: int) -> np.ndarray:
 
 def compute(path: str, times: Any, first: int, last: int, channels: list[int],
             names: list[str], frequency: str, window: int = 1, block: int = 32,
-            by: str | None = None) -> Climatology:
+            by: str | None = None,
+            valid: Callable[[np.ndarray], np.ndarray | None] | None = None) -> Climatology:
     """One pass over time steps ``first..last`` (inclusive) of the store's ``data``.
 
     ``channels`` are the indices of the channels to keep; ``block`` time steps are read
-    at a time; ``by`` overrides the grouping that ``frequency`` implies.
+    at a time; ``by`` overrides the grouping that ``frequency`` implies; ``valid`` maps
+    raw steps (all channels) to where the kept channels hold data (bool, or None for
+    all: ``Layout.valid``), so that missing points stay out of the means.
     """
     if window < 1 or window % 2 == 0:
         raise ConfigError(f"evaluate.climatology_window={window} must be an odd number of days",
@@ -152,10 +171,20 @@ def compute(path: str, times: Any, first: int, last: int, channels: list[int],
     n_lat, n_lon = data.shape[2], data.shape[3]
     sums = np.zeros((len(unique), len(channels), n_lat, n_lon))
     counts = np.bincount(inverse, minlength=len(unique)).astype(np.int64)
+    valid_counts = None
     for start in range(first, last + 1, block):
         stop = min(start + block, last + 1)
-        values = data[start:stop][:, channels].astype(np.float64)
+        steps = data[start:stop]
+        values = steps[:, channels].astype(np.float64)
+        ok = valid(steps) if valid is not None else None
+        if ok is not None:
+            values = np.where(ok, values, 0.0)
+            if valid_counts is None:
+                valid_counts = np.zeros(sums.shape, np.int64)
         groups = inverse[start - first: stop - first]
         for g in np.unique(groups):
             sums[g] += values[groups == g].sum(axis=0)
-    return Climatology(by, unique, sums, counts, list(names), window, year_length(index))
+            if ok is not None:
+                valid_counts[g] += ok[groups == g].sum(axis=0)
+    return Climatology(by, unique, sums, counts, list(names), window, year_length(index),
+                       valid_counts)

@@ -4,7 +4,11 @@ From every init time of the split (``evaluate.max_samples`` caps them, spread ev
 the model rolls out to ``max(evaluate.leads)`` model steps; forecasts, persistence (the
 init state) and climatology (of the train split, at the valid time) are compared with
 the truth in physical units. Init times are processed ``evaluate.chunk_size`` at a
-time and the scores kept as mergeable sums, so memory stays bounded. Writes
+time and the scores kept as mergeable sums, so memory stays bounded. In a store with
+masks a point is scored only where the truth holds data at the valid time and the
+input held data at the init (the forecast is NaN there: ``pipeline predict``), and
+where the climatology has a value; the same points for the model and both baselines,
+so that a fill value scores for no one. Writes
 ``<run>/eval/metrics.json`` (see DESIGN.md, "The run directory"), plots and
 ``report.html``.
 """
@@ -26,8 +30,8 @@ import zarr
 from pipeline import __version__
 from pipeline.config import Config, config_hash, load_config
 from pipeline.data.loader import ForecastDataset, StoreInfo
-from pipeline.data.sources import time_label
 from pipeline.data.store import now
+from pipeline.data.timeaxis import time_label
 from pipeline.errors import ConfigError
 from pipeline.evaluate import climatology, rollout
 from pipeline.evaluate.metrics import ScoreSums, skill_score
@@ -93,6 +97,17 @@ def lead_hours(info: StoreInfo, steps: int) -> float | None:
     return None if step is None else steps * step.total_seconds() / 3600.0
 
 
+def scored_points(info: StoreInfo, truth_steps: np.ndarray, init_steps: np.ndarray,
+                  clim_values: np.ndarray) -> np.ndarray | None:
+    """Where to score ``(B, L, C_out, Y, X)``: the truth valid at the valid time, the
+    input valid at the init, a climatology there. Raw ``truth_steps`` ``(B, L, C, Y, X)``
+    and ``init_steps`` ``(B, C, Y, X)`` (all channels); None for a store without masks."""
+    truth_valid, init_valid = info.layout.valid(truth_steps), info.layout.valid(init_steps)
+    if truth_valid is None or init_valid is None:
+        return None
+    return truth_valid & init_valid[:, None] & np.isfinite(clim_values)
+
+
 def score(model: rollout.Forecaster, dataset: ForecastDataset, inits: np.ndarray,
           leads: list[int], clim: climatology.Climatology, chunk_size: int,
           plot_channels: list[str] | None = None) -> Scores:
@@ -110,20 +125,25 @@ def score(model: rollout.Forecaster, dataset: ForecastDataset, inits: np.ndarray
         inputs, forcings = batch["inputs"].numpy(), batch["target_forcings"].numpy()
         forecast = model.rollout(inputs, forcings)[:, np.asarray(leads) - 1]  # (B, L, C, Y, X)
         t0 = dataset.times[chunk]
-        truth = np.stack([data[int(t) + steps[0]: int(t) + steps[-1] + 1][steps - steps[0]][:, out]
-                          for t in t0]).astype(np.float64)
-        persistence = np.stack([data[int(t)][out] for t in t0]).astype(np.float64)
-        valid = (t0[:, None] + steps[None, :]).reshape(-1)
-        clim_values = clim.at(info.times[valid]).reshape(truth.shape)
+        truth_steps = np.stack([data[int(t) + steps[0]: int(t) + steps[-1] + 1][steps - steps[0]]
+                                for t in t0])
+        truth = truth_steps[:, :, out].astype(np.float64)
+        init_steps = np.stack([data[int(t)] for t in t0])
+        persistence = init_steps[:, out].astype(np.float64)
+        valid_times = (t0[:, None] + steps[None, :]).reshape(-1)
+        clim_values = clim.at(info.times[valid_times]).reshape(truth.shape)
+        valid = scored_points(info, truth_steps, init_steps, clim_values)
         w = info.area_weight
-        sums["model"] += ScoreSums.of_chunk(forecast, truth, clim_values, w)
+        sums["model"] += ScoreSums.of_chunk(forecast, truth, clim_values, w, valid)
         sums["persistence"] += ScoreSums.of_chunk(
-            np.broadcast_to(persistence[:, None], truth.shape), truth, clim_values, w)
-        sums["climatology"] += ScoreSums.of_chunk(clim_values, truth, clim_values, w)
+            np.broadcast_to(persistence[:, None], truth.shape), truth, clim_values, w, valid)
+        sums["climatology"] += ScoreSums.of_chunk(clim_values, truth, clim_values, w, valid)
         if sample is None and plot_channels:
             pick = [names.index(c) for c in plot_channels]
+            shown = [np.where(valid[0, -1, pick], x, np.nan) if valid is not None else x
+                     for x in (forecast[0, -1, pick], truth[0, -1, pick])]
             sample = MapSample(time_label(info.times[int(t0[0])]), leads[-1], list(plot_channels),
-                               forecast[0, -1, pick], truth[0, -1, pick], info.lat, info.lon,
+                               *shown, info.lat, info.lon,
                                {c: units(info, c) for c in plot_channels})
         log.info("scored %d init times", sums["model"].count)
     return Scores(list(leads), names, sums, sample)
@@ -200,7 +220,8 @@ def evaluate(cfg: Config, run_dir: Path | None = None, report: bool = True) -> d
     out = list(info.layout.outputs)
     clim = climatology.compute(info.path, info.times, first, last, out, names,
                                info.attrs["frequency"], ev.climatology_window,
-                               block=int(info.attrs.get("shard_size", 32)))
+                               block=int(info.attrs.get("shard_size", 32)),
+                               valid=info.layout.valid)
     scores = score(model, dataset, inits, leads, clim, ev.chunk_size, plot_channels)
     init_times = dataset.times[inits]
     metrics = {
@@ -213,6 +234,7 @@ def evaluate(cfg: Config, run_dir: Path | None = None, report: bool = True) -> d
         "split": ev.split,
         "leads": leads,
         "lead_unit": f"model steps of {model.lead} x {info.attrs['frequency']}",
+        "frequency": info.attrs["frequency"],
         "init_times": len(inits),
         "first_init": time_label(info.times[int(init_times[0])]),
         "last_init": time_label(info.times[int(init_times[-1])]),

@@ -6,6 +6,15 @@ lead_time, lat, lon)`` in physical units, ``init_time``, ``lead_time`` (timedelt
 version, code version). It is written to a temporary path and renamed, so a path that
 exists holds a whole forecast. Forcings come from the store up to its last time step
 and are computed analytically beyond it, so a forecast may run past the store's end.
+
+In a store with masks (``data.nan.policy: fill``) a forecast is NaN where its input was
+missing, and a ``<channel>_mask`` variable (``int8``, dims ``(init_time, lat, lon)``,
+CF ``flag_values`` 0 valid / 1 missing, named by the channel's ``ancillary_variables``)
+says where. The mask is known only up to the init time, so every lead time takes the
+init's (the last input step's) mask: for a fixed mask (land under sea-surface
+temperature) that is the mask everywhere; for a time-varying one (sea ice) it is the
+state at the init, carried forward as the model itself carries it. A derived channel
+is missing where any of its inputs is.
 """
 
 from __future__ import annotations
@@ -27,7 +36,9 @@ from pipeline.config import Config, apply_overrides, config_from_dict, load_conf
 from pipeline.data import store
 from pipeline.data.forcings import forcing_field
 from pipeline.data.loader import StoreInfo
-from pipeline.data.sources import time_label, within
+from pipeline.data.sources import within
+from pipeline.data.timeaxis import time_label
+from pipeline.data.transforms import mask_name
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.evaluate import rollout
 from pipeline.evaluate.climatology import step_duration
@@ -111,8 +122,25 @@ def channel_attrs(info: StoreInfo, name: str) -> dict[str, str]:
     return attrs
 
 
-def forecast_dataset(model: rollout.Forecaster, t: int, pred: np.ndarray, valid: Any) -> xr.Dataset:
-    """``pred`` ``(steps, C_out, Y, X)`` in physical units as a CF-style Dataset."""
+def mask_variables(info: StoreInfo, valid: np.ndarray) -> dict[str, Any]:
+    """The ``<channel>_mask`` variables of the channels that can be missing, from where
+    they held data at the init (``valid``: bool ``(C_out, Y, X)``)."""
+    out = {}
+    for c, name in enumerate(info.layout.output_names):
+        if info.layout.output_masks[c]:
+            out[mask_name(name)] = (
+                ("init_time", "lat", "lon"), (~valid[None, c]).astype(np.int8),
+                {"long_name": f"1 where the input of {name} was missing at the init time "
+                              "(the forecast is NaN there at every lead time)",
+                 "units": "1", "flag_values": [0, 1], "flag_meanings": "valid missing"})
+    return out
+
+
+def forecast_dataset(model: rollout.Forecaster, t: int, pred: np.ndarray, valid: Any,
+                     valid_at_init: np.ndarray | None = None) -> xr.Dataset:
+    """``pred`` ``(steps, C_out, Y, X)`` in physical units as a CF-style Dataset;
+    ``valid_at_init`` (bool ``(C_out, Y, X)``, stores with masks): where the input held
+    data, the forecast being NaN elsewhere."""
     info, meta = model.info, model.meta
     steps = model.lead * np.arange(1, pred.shape[0] + 1)
     lead, lead_attrs = lead_coordinate(info, steps)
@@ -131,6 +159,12 @@ def forecast_dataset(model: rollout.Forecaster, t: int, pred: np.ndarray, valid:
     data = {name: (("init_time", "lead_time", "lat", "lon"),
                    pred[None, :, c].astype(np.float32), channel_attrs(info, name))
             for c, name in enumerate(info.layout.output_names)}
+    if valid_at_init is not None:
+        masks = mask_variables(info, valid_at_init)
+        for name in info.layout.output_names:
+            if mask_name(name) in masks:
+                data[name][2]["ancillary_variables"] = mask_name(name)
+        data.update(masks)
     attrs = {
         "Conventions": "CF-1.8",
         "title": f"forecast of the model {model.cfg.name}",
@@ -202,9 +236,12 @@ def predict(checkpoint_path: str | Path, init: str, steps: int, out: str | Path,
     model = rollout.from_checkpoint(found, info)
     t = init_index(info, init, model.history)
     data = zarr.open_array(info.path, path="data", mode="r")
-    inputs = model.normalise(data[t - model.history + 1: t + 1])
+    raw = data[t - model.history + 1: t + 1]
     forcings, valid = target_forcings(model, t, steps)
-    pred = model.rollout(inputs[None], forcings[None])[0]
-    write_atomic(forecast_dataset(model, t, pred, valid), Path(out))
+    pred = model.rollout(model.normalise(raw)[None], forcings[None])[0]
+    valid_at_init = info.layout.valid(raw[-1])
+    if valid_at_init is not None:
+        pred = np.where(valid_at_init[None], pred, np.nan)
+    write_atomic(forecast_dataset(model, t, pred, valid, valid_at_init), Path(out))
     log.info("forecast of %d steps from %s written to %s", steps, time_label(info.times[t]), out)
     return Path(out)

@@ -11,6 +11,9 @@
 - Skill scores: ``1 - MSE / MSE_reference`` (1 is perfect, 0 no better than the
   reference, negative worse).
 
+- Masks: points where the truth is missing (``valid`` False) carry no weight; the
+  spatial means run over the valid points, and a sample without any is left out.
+
 Everything is accumulated as mergeable partial sums in float64 (:class:`ScoreSums`),
 one chunk of samples at a time, so the evaluation of a long split runs in bounded
 memory and gives the same numbers however it is chunked.
@@ -31,29 +34,40 @@ def normalised_weights(lat_weights: np.ndarray, n_lon: int) -> np.ndarray:
     return np.broadcast_to((w / (w.sum() * n_lon))[:, None], (w.size, n_lon))
 
 
-def spatial_mean(x: np.ndarray, lat_weights: np.ndarray) -> np.ndarray:
-    """Area-weighted mean over the last two axes ``(lat, lon)``, in float64."""
+def spatial_mean(x: np.ndarray, lat_weights: np.ndarray,
+                 valid: np.ndarray | None = None) -> np.ndarray:
+    """Area-weighted mean over the last two axes ``(lat, lon)``, in float64; with ``valid``
+    (bool, broadcastable to ``x``) the mean over the valid points only (NaN where a
+    field has none), whatever ``x`` holds at the others."""
     x = np.asarray(x, dtype=np.float64)
     if x.shape[-2] != np.size(lat_weights):
         raise ValueError(f"{np.size(lat_weights)} latitude weights for a grid of shape {x.shape[-2:]}")
     w = normalised_weights(lat_weights, x.shape[-1])
-    return np.einsum("...ij,ij->...", x, w)
+    if valid is None:
+        return np.einsum("...ij,ij->...", x, w)
+    w = np.where(valid, w, 0.0)
+    area = np.broadcast_to(w, np.broadcast_shapes(w.shape, x.shape)).sum(axis=(-2, -1))
+    total = (np.where(valid, x, 0.0) * w).sum(axis=(-2, -1))
+    return np.where(area > 0, total / np.where(area > 0, area, 1.0), np.nan)
 
 
-def mse_per_sample(forecast: np.ndarray, truth: np.ndarray, lat_weights: np.ndarray) -> np.ndarray:
-    """Weighted spatial mean of the squared error, for every leading index."""
+def mse_per_sample(forecast: np.ndarray, truth: np.ndarray, lat_weights: np.ndarray,
+                   valid: np.ndarray | None = None) -> np.ndarray:
+    """Weighted spatial mean of the squared error, for every leading index (over the
+    ``valid`` points only, if given)."""
     err = np.asarray(forecast, np.float64) - np.asarray(truth, np.float64)
-    return spatial_mean(err * err, lat_weights)
+    return spatial_mean(err * err, lat_weights, valid)
 
 
 def acc_per_sample(forecast: np.ndarray, truth: np.ndarray, climatology: np.ndarray,
-                   lat_weights: np.ndarray) -> np.ndarray:
-    """Anomaly correlation for every leading index (NaN where an anomaly is all zero)."""
+                   lat_weights: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """Anomaly correlation for every leading index (NaN where an anomaly is all zero, or
+    no point is ``valid``)."""
     clim = np.asarray(climatology, np.float64)
     f = np.asarray(forecast, np.float64) - clim
     o = np.asarray(truth, np.float64) - clim
-    num = spatial_mean(f * o, lat_weights)
-    den = np.sqrt(spatial_mean(f * f, lat_weights) * spatial_mean(o * o, lat_weights))
+    num = spatial_mean(f * o, lat_weights, valid)
+    den = np.sqrt(spatial_mean(f * f, lat_weights, valid) * spatial_mean(o * o, lat_weights, valid))
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
 
@@ -79,33 +93,45 @@ def skill_score(mse: np.ndarray, mse_reference: np.ndarray) -> np.ndarray:
 @dataclass
 class ScoreSums:
     """Partial sums of one forecast's scores over samples, for any trailing shape
-    (e.g. ``(lead, channel)``). Sums of chunks merge with ``+``."""
+    (e.g. ``(lead, channel)``). Sums of chunks merge with ``+``. With masks, a sample
+    counts only where it has valid points (``scored``), and its scores are over those."""
 
-    count: int
-    sq_error: np.ndarray  # sum over samples of the weighted spatial MSE
-    acc: np.ndarray  # sum over samples of the anomaly correlation
+    count: int  # samples
+    sq_error: np.ndarray  # sum over the scored samples of the weighted spatial MSE
+    acc: np.ndarray  # sum over the scored samples of the anomaly correlation
+    scored: np.ndarray  # samples with a valid point, per entry (all of them without masks)
 
     @classmethod
     def zeros(cls, shape: tuple[int, ...]) -> ScoreSums:
-        return cls(0, np.zeros(shape), np.zeros(shape))
+        return cls(0, np.zeros(shape), np.zeros(shape), np.zeros(shape))
 
     @classmethod
     def of_chunk(cls, forecast: np.ndarray, truth: np.ndarray, climatology: np.ndarray,
-                 lat_weights: np.ndarray) -> ScoreSums:
-        """Sums over the samples on axis 0 of ``(sample, ..., lat, lon)`` arrays."""
-        return cls(int(np.shape(truth)[0]),
-                   mse_per_sample(forecast, truth, lat_weights).sum(axis=0),
-                   acc_per_sample(forecast, truth, climatology, lat_weights).sum(axis=0))
+                 lat_weights: np.ndarray, valid: np.ndarray | None = None) -> ScoreSums:
+        """Sums over the samples on axis 0 of ``(sample, ..., lat, lon)`` arrays; ``valid``
+        (bool, the same shape): the points to score, the others carry no weight."""
+        n = int(np.shape(truth)[0])
+        mse = mse_per_sample(forecast, truth, lat_weights, valid)
+        acc = acc_per_sample(forecast, truth, climatology, lat_weights, valid)
+        if valid is None:
+            return cls(n, mse.sum(axis=0), acc.sum(axis=0), np.full(mse.shape[1:], float(n)))
+        has = np.asarray(valid).any(axis=(-2, -1))
+        return cls(n, np.where(has, mse, 0.0).sum(axis=0), np.where(has, acc, 0.0).sum(axis=0),
+                   has.sum(axis=0).astype(np.float64))
 
     def __add__(self, other: ScoreSums) -> ScoreSums:
         return ScoreSums(self.count + other.count, self.sq_error + other.sq_error,
-                         self.acc + other.acc)
+                         self.acc + other.acc, self.scored + other.scored)
+
+    def _mean(self, total: np.ndarray) -> np.ndarray:
+        """``total`` over the scored samples; NaN where none was scored."""
+        return np.where(self.scored > 0, total / np.maximum(self.scored, 1.0), np.nan)
 
     def mse(self) -> np.ndarray:
-        return self.sq_error / self.count if self.count else np.full_like(self.sq_error, np.nan)
+        return self._mean(self.sq_error)
 
     def rmse(self) -> np.ndarray:
         return np.sqrt(self.mse())
 
     def mean_acc(self) -> np.ndarray:
-        return self.acc / self.count if self.count else np.full_like(self.acc, np.nan)
+        return self._mean(self.acc)

@@ -55,8 +55,10 @@ def map_figure(sample: MapSample, index: int, path: Path) -> None:
     channel = sample.channels[index]
     truth, forecast = sample.truth[index], sample.forecast[index]
     error = forecast - truth
-    lo, hi = float(min(truth.min(), forecast.min())), float(max(truth.max(), forecast.max()))
-    bound = float(np.abs(error).max()) or 1.0
+    # masked points are NaN (blank on the map)
+    lo = float(min(np.nanmin(truth), np.nanmin(forecast)))
+    hi = float(max(np.nanmax(truth), np.nanmax(forecast)))
+    bound = float(np.nanmax(np.abs(error))) or 1.0
     fig = Figure(figsize=(13, 3.6), layout="constrained")
     axes = fig.subplots(1, 3, sharey=True)
     panels = [("truth", truth, "viridis", lo, hi), ("forecast", forecast, "viridis", lo, hi),

@@ -14,6 +14,7 @@ from typing import Any
 import jinja2
 
 from pipeline.evaluate.plots import Plot
+from pipeline.evaluate.verdict import lead_verdicts
 
 TEMPLATE = "report.html.j2"
 
@@ -33,7 +34,8 @@ def render(metrics: dict[str, Any], plots: list[Plot], run_name: str) -> str:
         autoescape=jinja2.select_autoescape(["html", "j2"]),
         undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["fmt"] = _fmt
-    return env.get_template(TEMPLATE).render(m=metrics, plots=plots, run_name=run_name)
+    return env.get_template(TEMPLATE).render(m=metrics, plots=plots, run_name=run_name,
+                                             verdicts=lead_verdicts(metrics))
 
 
 def write(eval_dir: Path, metrics: dict[str, Any], plots: list[Plot], run_name: str) -> Path:

@@ -3,8 +3,12 @@
 ``train_loop(cfg, runtime)`` trains from the store with AdamW, warmup plus cosine
 decay, gradient clipping, bf16 autocast on GPUs, periodic validation with early
 stopping, and checkpoints that resume exactly (model, optimiser, scheduler, step,
-epoch, position in the epoch, RNG states). Where it runs is the ``Runtime``'s
-business: :func:`local_runtime` here, a Ray Train worker in ``trainer.py``.
+epoch, position in the epoch, RNG states). A target that the store marks missing (its
+mask at the target time, or for a derived channel a mask of an input) carries no
+weight in the loss or the validation scores; mask channels are inputs only (the model
+does not predict them, and a rollout carries the last input step's masks forward).
+Where it runs is the ``Runtime``'s business: :func:`local_runtime` here, a Ray Train
+worker in ``trainer.py``.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from pipeline.data.resident import ResidentLoader, ResidentSplit, fits_on, resid
 from pipeline.errors import CheckpointError
 from pipeline.plan import ExecutionPlan, local_plan
 from pipeline.train import checkpoint
-from pipeline.train.models import area_weighted_mse, build_model
+from pipeline.train.models import area_weighted_mse, build_model, channel_mse
 from pipeline.train.progress import ProgressWriter
 from pipeline.train.sinks import open_sinks
 
@@ -201,6 +205,16 @@ def use_bf16(plan: ExecutionPlan, device: torch.device) -> bool:
     return plan.precision == "bf16" and device.type == "cuda"
 
 
+def target_validity(target_masks: torch.Tensor, missing_above: torch.Tensor,
+                    incidence: torch.Tensor) -> torch.Tensor:
+    """Where targets hold data: normalised mask channels ``(..., mask, lat, lon)`` at the
+    target times -> bool ``(..., output, lat, lon)``, False where a mask of the output
+    exceeds its threshold (``missing_above``: ``StoreInfo.missing_above``, shape
+    ``(mask, 1, 1)``; ``incidence``: ``Layout.mask_incidence``), in one contraction."""
+    missing = (target_masks > missing_above).to(incidence.dtype)
+    return torch.einsum("...myx,cm->...cyx", missing, incidence) == 0
+
+
 def memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -265,11 +279,14 @@ class Batch:
     inputs: torch.Tensor
     target_forcings: torch.Tensor
     targets: torch.Tensor
+    target_masks: torch.Tensor | None = None  # stores with masks: the masks at the targets
 
     @classmethod
     def to(cls, sample: dict[str, torch.Tensor], device: torch.device) -> Batch:
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-        return cls(move(sample["inputs"]), move(sample["target_forcings"]), move(sample["targets"]))
+        masks = move(sample["target_masks"]) if "target_masks" in sample else None
+        return cls(move(sample["inputs"]), move(sample["target_forcings"]), move(sample["targets"]),
+                   masks)
 
 
 class Trainer:
@@ -295,6 +312,10 @@ class Trainer:
         scale = self.stepper.scale.flatten()
         # the loss compares changes in units of the typical one-step change
         self.channel_w = (1.0 / scale**2) if cfg.model.predict_tendency else None
+        # normalised mask values above which a target is missing (stores with masks)
+        above = torch.from_numpy(self.info.missing_above())
+        self.missing_above = above[:, None, None].to(rt.device)
+        self.mask_incidence = torch.from_numpy(self.info.layout.mask_incidence()).to(rt.device)
         self.sampler = BlockShuffleSampler(len(self.train_set), t.batch_size, rt.world_size,
                                            rt.rank, t.shuffle_block, t.seed)
         self.resumed_from = self._resume()
@@ -358,12 +379,20 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
 
+    def valid(self, batch: Batch) -> torch.Tensor | None:
+        """Where the batch's targets hold data, shaped like ``targets``; None without masks."""
+        if batch.target_masks is None:
+            return None
+        return target_validity(batch.target_masks, self.missing_above, self.mask_incidence)
+
     def loss(self, batch: Batch) -> torch.Tensor:
         with torch.autocast(self.rt.device.type, dtype=torch.bfloat16,
                             enabled=use_bf16(self.plan, self.rt.device)):
             preds = self.model(batch.inputs, batch.target_forcings)
+        valid = self.valid(batch)  # each rollout step's own target masks
         return area_weighted_mse(preds.float().flatten(0, 1), batch.targets.flatten(0, 1),
-                                 self.lat_w, self.channel_w)
+                                 self.lat_w, self.channel_w,
+                                 None if valid is None else valid.flatten(0, 1))
 
     def train_step(self, batch: Batch) -> torch.Tensor:
         """One optimiser step; returns the loss as a tensor on the device. Reading it
@@ -383,12 +412,14 @@ class Trainer:
         """Loss, persistence loss and per-channel RMSE (physical units) on the val split,
         each rank taking a contiguous share of the samples in batches of
         ``train.val_batch_size`` (each run of consecutive samples read once, or gathered
-        from the split in memory)."""
+        from the split in memory). Missing targets are left out; a channel's RMSE is
+        over the samples that have a point of it to score (NaN if none has)."""
         self.stepper.eval()
         out = self.info.layout.outputs
         _, std = self.info.normalisation()
         n_out = len(out)
-        sums = np.zeros(3 + n_out)  # loss*n, persistence*n, n, per-channel squared error
+        # loss*n, persistence*n, n, per channel: squared error, samples scored
+        sums = np.zeros(3 + 2 * n_out)
         lo, hi = rank_share(len(self.val_set), self.rt.rank, self.rt.world_size)
         size = self.cfg.train.val_batch_size or self.cfg.train.batch_size
         for start in range(lo, hi, size):
@@ -400,15 +431,20 @@ class Trainer:
                                 enabled=use_bf16(self.plan, self.rt.device)):
                 pred = self.stepper.step(b.inputs, b.target_forcings[:, 0]).float()
             target, last = b.targets[:, 0], b.inputs[:, -1, self.stepper.outputs]
+            valid = self.valid(b)
+            valid = None if valid is None else valid[:, 0]
             n = len(indices)  # the losses are means over the batch's samples
-            sums[0] += n * float(area_weighted_mse(pred, target, self.lat_w, self.channel_w))
-            sums[1] += n * float(area_weighted_mse(last, target, self.lat_w, self.channel_w))
+            sums[0] += n * float(area_weighted_mse(pred, target, self.lat_w, self.channel_w, valid))
+            sums[1] += n * float(area_weighted_mse(last, target, self.lat_w, self.channel_w, valid))
             sums[2] += n
-            err = ((pred - target) ** 2 * self.lat_w[:, None]).mean(dim=(2, 3)).sum(dim=0)
-            sums[3:] += err.double().cpu().numpy()
+            err, scored = channel_mse(pred, target, self.lat_w, valid)
+            sums[3:3 + n_out] += err.double().cpu().numpy()
+            sums[3 + n_out:] += scored.double().cpu().numpy()
         sums = np.asarray(self.rt.all_reduce(sums.tolist()))
         n = max(sums[2], 1.0)
-        rmse = np.sqrt(sums[3:] / n) * std[list(out)]
+        scored = sums[3 + n_out:]
+        mse = np.where(scored > 0, sums[3:3 + n_out] / np.maximum(scored, 1.0), np.nan)
+        rmse = np.sqrt(mse) * std[list(out)]
         names = self.info.layout.output_names
         return {"val_loss": float(sums[0] / n), "val_loss_persistence": float(sums[1] / n),
                 "val_rmse": {name: float(v) for name, v in zip(names, rmse, strict=True)}}
@@ -491,7 +527,7 @@ class Trainer:
                 if p.step % t.val_every == 0 or p.step % t.checkpoint_every == 0 or stop:
                     last = self._evaluate_and_save(window, stop)
                     window = Window()  # validation and saving are not in it
-                    stop = stop or self._early_stop()
+                    stop = stop or t.stops_early(p.evals_without_improvement)
                 if stop:
                     break
                 asked = time.perf_counter()
@@ -505,10 +541,6 @@ class Trainer:
         local = (p.step >= self.cfg.train.max_steps or self.rt.stop_requested()
                  or (self.stop_at is not None and p.step >= self.stop_at))
         return bool(self.rt.all_reduce([float(local)], op="max")[0])
-
-    def _early_stop(self) -> bool:
-        patience = self.cfg.train.early_stopping_patience
-        return patience is not None and self.progress.evals_without_improvement >= patience
 
     def _evaluate_and_save(self, window: Window, stopping: bool) -> dict[str, Any]:
         t, p = self.cfg.train, self.progress

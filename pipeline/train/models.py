@@ -246,26 +246,50 @@ def build_model(cfg: Model, in_channels: int, out_channels: int, grid: tuple[int
 
 
 def area_weighted_mse(pred: torch.Tensor, target: torch.Tensor, lat_weights: torch.Tensor,
-                      channel_weights: torch.Tensor | None = None) -> torch.Tensor:
+                      channel_weights: torch.Tensor | None = None,
+                      valid: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over batch, channels and grid of ``lat_weights[lat] * (pred - target)**2``.
 
     ``pred`` and ``target`` are ``(..., channels, lat, lon)``; ``lat_weights`` (shape
     ``(lat,)``) is normalised to mean 1 by the caller, so that the loss is an area
-    mean; ``channel_weights`` (shape ``(channels,)``) scales each channel's term. The
-    sum runs in float32 even under bf16 autocast.
+    mean; ``channel_weights`` (shape ``(channels,)``) scales each channel's term. With
+    ``valid`` (bool, shaped like ``pred``) the mean runs over the valid points only:
+    a missing target carries no weight and does not dilute the others. The sum runs
+    in float32 even under bf16 autocast.
     """
     if pred.shape != target.shape:
         raise ValueError(f"pred shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
     if lat_weights.shape != pred.shape[-2:-1]:
         raise ValueError(f"lat_weights shape {tuple(lat_weights.shape)} does not match "
                          f"{pred.shape[-2]} latitudes")
+    if valid is not None and valid.shape != pred.shape:
+        raise ValueError(f"valid shape {tuple(valid.shape)} != pred shape {tuple(pred.shape)}")
     weights = lat_weights.float()[:, None]
     if channel_weights is not None:
         if channel_weights.shape != pred.shape[-3:-2]:
             raise ValueError(f"channel_weights shape {tuple(channel_weights.shape)} does "
                              f"not match {pred.shape[-3]} channels")
         weights = weights * channel_weights.float()[:, None, None]
-    return (weights * (pred.float() - target.float()) ** 2).mean()
+    terms = weights * (pred.float() - target.float()) ** 2
+    if valid is None:
+        return terms.mean()
+    area = torch.where(valid, lat_weights.float()[:, None], 0.0).sum()
+    return torch.where(valid, terms, 0.0).sum() / area.clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def channel_mse(pred: torch.Tensor, target: torch.Tensor, lat_weights: torch.Tensor,
+                valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per channel of ``(sample, channel, lat, lon)`` fields: the sum over samples of the
+    area-weighted MSE of each sample (over its valid points, with ``valid``), and how
+    many samples had a point to score (all of them without ``valid``)."""
+    terms = (pred - target) ** 2 * lat_weights[:, None]
+    if valid is None:
+        return terms.mean(dim=(2, 3)).sum(dim=0), torch.full(pred.shape[1:2], pred.shape[0])
+    area = torch.where(valid, lat_weights[:, None], 0.0).sum(dim=(2, 3))
+    scored = area > 0
+    per_sample = torch.where(valid, terms, 0.0).sum(dim=(2, 3)) / area.clamp_min(
+        torch.finfo(area.dtype).tiny)
+    return torch.where(scored, per_sample, 0.0).sum(dim=0), scored.sum(dim=0)
 
 
 def count_parameters(model: nn.Module) -> int:
