@@ -58,12 +58,17 @@ def available() -> bool:
     return all(shutil.which(tool) for tool in ("slurmctld", "slurmd", "sbatch", "munged"))
 
 
+def apt_install(*packages: str) -> None:
+    """Install Debian packages (root only): what a test set-up needs and lacks."""
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, timeout=600)
+    subprocess.run(["apt-get", "install", "-y", "-qq", *packages], check=True, env=env,
+                   stdout=subprocess.DEVNULL, timeout=600)
+
+
 def install() -> None:
     """Install Debian's slurm-wlm and munge (root only)."""
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
-    subprocess.run(["apt-get", "install", "-y", "-qq", *PACKAGES], check=True, env=env,
-                   stdout=subprocess.DEVNULL)
+    apt_install(*PACKAGES)
 
 
 def _free_port() -> int:

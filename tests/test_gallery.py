@@ -4,6 +4,7 @@ was written with, then trained, evaluated and forecast with tiny settings."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 WRITERS: dict[str, Callable[[Path], Path]] = {
     "era5_cds": products.era5_cds, "weatherbench2": products.weatherbench2,
     "cmip6_amon": products.cmip6_amon, "eobs_regional": products.eobs_regional,
-    "plain_hdf5": products.plain_hdf5, "oisst": products.oisst, "era5_grib": grib.write_era5_grib}
+    "plain_hdf5": products.plain_hdf5, "oisst": products.oisst, "era5_grib": grib.write_era5_grib,
+    "cmip6_amon_360_day": functools.partial(products.cmip6_amon, calendar="360_day")}
+CONFIG_OF = {"cmip6_amon_360_day": "cmip6_amon"}  # fixtures read by another's example
 TINY = {"model": {"width": 4, "depth": 1},
         "train": {"max_steps": 3, "batch_size": 2, "val_every": 3, "checkpoint_every": 3,
                   "warmup_steps": 0, "workers": 1}}
@@ -47,6 +50,7 @@ def _relocate(node: Any, old: str, new: str) -> Any:
 
 def example_tree(product: str, files: Path, tmp: Path) -> dict[str, Any]:
     """``configs/examples/<product>.yaml`` reading the fixture's files, writing into tmp."""
+    product = CONFIG_OF.get(product, product)
     tree = yaml.safe_load((REPO / "configs" / "examples" / f"{product}.yaml").read_text())
     tree = _relocate(tree, f"data/{product}/", f"{files}/")
     tree["data"]["store"] = str(tmp / "store.zarr")
@@ -205,10 +209,17 @@ def test_train_evaluate_and_forecast(product: str, built, tmp_path: Path) -> Non
     records = result["records"]
     assert records and all(np.isfinite(r["rmse"]) and np.isfinite(r["rmse_persistence"])
                            for r in records), records
-    init = ds.indexes["time"][-3]
+    times = ds.indexes["time"]
+    init = times[-2]  # the second step lies past the store's end
     out = predict(cfg.run_dir() / "best", init.isoformat(), 2, tmp_path / "forecast.zarr")
     forecast = xr.open_zarr(out)
-    assert forecast.sizes["lead_time" if "lead_time" in forecast.dims else "step"] == 2
+    valid = list(forecast["valid_time"].values[0])
+    assert valid[0] == times[-1], (valid, times[-1])
+    if ds.attrs["frequency"] == "MS":  # the month after the store's last, in its calendar
+        assert (valid[1].year * 12 + valid[1].month) - (times[-1].year * 12 + times[-1].month) == 1
+        assert (valid[1].day, valid[1].hour) == (1, 0) and valid[1].calendar == times.calendar
+    else:
+        assert valid[1] - valid[0] == times[-1] - times[-2]
     for name, var in forecast.data_vars.items():
         if name.endswith("_mask") or "lat" not in var.dims:
             continue

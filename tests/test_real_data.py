@@ -6,6 +6,8 @@ one variable per file, NaN masks that differ between variables.
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ import xarray as xr
 
 from pipeline.data.grid import area_weights
 from tests.conftest import IN_CI, run_cli
+from tests.slurm_cluster import apt_install
 
 pytestmark = pytest.mark.integration
 
@@ -24,9 +27,12 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def storm_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not (STORM / "Pstorm.cdf").exists():
-        if IN_CI:
+        if os.geteuid() == 0 and shutil.which("apt-get"):
+            apt_install("libncarg-data")  # as the Slurm fixture installs Slurm
+        elif IN_CI:
             pytest.fail("libncarg-data is not installed; .ci/run must install it")
-        pytest.skip("needs Debian's libncarg-data (apt-get install libncarg-data)")
+        else:
+            pytest.skip("needs Debian's libncarg-data (apt-get install libncarg-data, as root)")
     store = tmp_path_factory.mktemp("storm") / "storm.zarr"
     result = run_cli("preprocess", str(REPO / "configs" / "storm.yaml"),
                      "--set", f"data.store={store}", "--workers", "2")

@@ -132,28 +132,29 @@ def weatherbench2(out: Path) -> Path:
 CMIP6_LEVELS_PA = np.array([100000.0, 85000.0, 50000.0, 25000.0, 1000.0, 500.0])
 
 
-def cmip6_month_stamps(years: range) -> tuple[list[cftime.datetime], np.ndarray]:
-    """Mid-month stamps and month bounds of the ``noleap`` calendar, in days since 1850."""
+def cmip6_month_stamps(years: range, calendar: str = "noleap"
+                       ) -> tuple[list[cftime.datetime], np.ndarray]:
+    """Mid-month stamps and month bounds in a model calendar."""
     stamps, bounds = [], []
     for year in years:
         for month in range(1, 13):
-            start = cftime.datetime(year, month, 1, calendar="noleap")
-            end = cftime.datetime(year + month // 12, month % 12 + 1, 1, calendar="noleap")
+            start = cftime.datetime(year, month, 1, calendar=calendar)
+            end = cftime.datetime(year + month // 12, month % 12 + 1, 1, calendar=calendar)
             stamps.append(start + (end - start) / 2)
             bounds.append((start, end))
     return stamps, np.array(bounds)
 
 
-def cmip6_amon(out: Path) -> Path:
+def cmip6_amon(out: Path, calendar: str = "noleap") -> Path:
     """CMIP6 ``Amon`` output as ESGF serves it: one variable per file, files split in
-    time (``_185001-185112``, ``_185201-185212``), the ``noleap`` calendar, means
+    time (``_185001-185112``, ``_185201-185212``), a model calendar (``noleap``), means
     stamped mid-month with ``time_bnds``, ``plev`` in Pa (holding 1000 Pa and 500 Pa
     too), ``lat_bnds``/``lon_bnds``, and ``ta`` missing (1e20) below the surface."""
     out.mkdir(parents=True, exist_ok=True)
     lat, lon = np.arange(-85.0, 86.0, 10.0), np.arange(0.0, 360.0, 10.0)
     for years in (range(1850, 1852), range(1852, 1853)):
-        stamps, bounds = cmip6_month_stamps(years)
-        hours = np.array([(t - cftime.datetime(1850, 1, 1, calendar="noleap")).total_seconds()
+        stamps, bounds = cmip6_month_stamps(years, calendar)
+        hours = np.array([(t - cftime.datetime(1850, 1, 1, calendar=calendar)).total_seconds()
                           / 3600 for t in stamps])
         base = xr.Dataset(coords={
             "time": ("time", stamps, {"bounds": "time_bnds", "axis": "T",
@@ -166,8 +167,8 @@ def cmip6_amon(out: Path) -> Path:
         base["lat_bnds"] = (("lat", "bnds"), np.stack([lat - 5, lat + 5], axis=1))
         base["lon_bnds"] = (("lon", "bnds"), np.stack([lon - 5, lon + 5], axis=1))
         span = f"{years[0]}01-{years[-1]}12"
-        encoding = {"time": {"units": "days since 1850-01-01", "calendar": "noleap"},
-                    "time_bnds": {"units": "days since 1850-01-01", "calendar": "noleap"}}
+        encoding = {"time": {"units": "days since 1850-01-01", "calendar": calendar},
+                    "time_bnds": {"units": "days since 1850-01-01", "calendar": calendar}}
         tas = base.copy()
         tas["tas"] = (("time", "lat", "lon"), _grid_values("tas", hours, 0.0, lat, lon),
                       {"standard_name": "air_temperature", "units": "K",
