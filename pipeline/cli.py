@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline import __version__
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, disk_full
 
 log = logging.getLogger("pipeline")
 
@@ -97,9 +97,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from pipeline.data.store import summary
+    from pipeline.data.store import summary, verify
 
     print(summary(args.store))
+    if not args.verify:
+        return 0
+    problems, checksums = verify(args.store)
+    what = "every checksum matches" if checksums else \
+        "checksums absent (a format 1 store): every step decodes"
+    print("\n".join([f"verify     {what}"] if not problems else
+                    [f"verify     {len(problems)} damaged:", *(f"  {p}" for p in problems)]))
+    if problems:
+        print(f"error: {args.store} has {len(problems)} damaged shard(s) (delete their files, "
+              "then rerun `pipeline preprocess CONFIG`: it rebuilds them)", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -162,7 +173,9 @@ def cmd_registry(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from pipeline.registry import ModelRegistry, summary
 
-    print(summary(ModelRegistry.from_config(load_config(args.config, args.overrides))))
+    registry = ModelRegistry.from_config(load_config(args.config, args.overrides))
+    registry.recover()  # a promotion a crash interrupted is completed, then listed
+    print(summary(registry))
     return 0
 
 
@@ -238,7 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train with Ray Train; resumes the run if it exists",
                        description="Train data-parallel with Ray Train. "
-                       "Running it again resumes from the latest valid checkpoint. SIGTERM or "
+                       "Running it again resumes from the latest valid checkpoint, with the "
+                       "run's config except train.max_steps and the other settings that "
+                       "pipeline.train.rundir lists; one run is trained by one process at a "
+                       "time. SIGTERM or "
                        "SIGUSR1 checkpoints and exits with code 75 (requeue). Inside a Slurm job "
                        "(one node or several) it starts one Ray node per Slurm node with the "
                        "allocation's CPUs and GPUs (head here, the others through srun), one "
@@ -265,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="summarise a training store")
     p.add_argument("store")
+    p.add_argument("--verify", action="store_true",
+                   help="read every shard and check every checksum (exit 2 if one is damaged)")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("evaluate", help="score a run against persistence and climatology; "
@@ -386,6 +404,12 @@ def _run(argv: list[str] | None) -> int:
             raise
         print(f"error: {err.one_line()}", file=sys.stderr)
         return err.exit_code
+    except OSError as err:
+        full = disk_full(err)
+        if full is None or args.debug:
+            raise
+        print(f"error: {full.one_line()}", file=sys.stderr)
+        return full.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

@@ -170,7 +170,8 @@ class Data(Section):
     forcings: list[Literal[FORCINGS]] = Field(default_factory=list)  # type: ignore[valid-type]
     nan: NanPolicy = Field(default_factory=NanPolicy)
     store: str = Field(description="Path of the Zarr v3 training store.")
-    shard_size: int = Field(32, ge=1, description="Time steps per shard (the unit of writing).")
+    shard_size: int = Field(32, ge=1, le=100_000,
+                            description="Time steps per shard (the unit of writing).")
     codec: Codec = Field(default_factory=Codec)
     statistics: Statistics = Field(default_factory=Statistics)
 

@@ -7,6 +7,8 @@ that callers can catch them the Python way (``except ValueError``).
 
 from __future__ import annotations
 
+import errno
+
 
 class PipelineError(Exception):
     """A problem with the user's input that they can fix; ``hint`` says how."""
@@ -50,3 +52,23 @@ class CheckpointError(PipelineError, ValueError):
 class RegistryError(PipelineError, ValueError):
     """The model registry is unusable (a file where its folder goes, a broken entry), or
     a model cannot be registered or compared (no evaluation, other evaluation data)."""
+
+
+class TrainingError(PipelineError, ArithmeticError):
+    """Training cannot go on: the loss is not finite (a learning rate too high, bad data)."""
+
+
+def disk_full(err: BaseException) -> PipelineError | None:
+    """A full disk (ENOSPC, also as the cause of another error) as a user error. Every
+    writer writes whole files under temporary names and renames them into place, so what
+    a command finished before is intact and a rerun resumes from it."""
+    found: BaseException | None = err
+    while found is not None and getattr(found, "errno", None) != errno.ENOSPC:
+        found = found.__cause__ or found.__context__
+    if found is None:
+        return None
+    name = getattr(found, "filename", None)
+    return PipelineError(f"no space left on the device{f' writing {name}' if name else ''}; "
+                         "what was written before is intact (files are renamed into place "
+                         "only once whole)",
+                         "free some space, then run the same command again: it resumes")

@@ -15,7 +15,8 @@ it out, so the same command works on a laptop, under ``sbatch`` and under ``srun
 
 Each Slurm job gets a free block of ports (tried from the job id on) and a node-local
 Ray temp dir, so several jobs and users can share nodes; a random per-job token
-authenticates the Ray nodes to each other. A SIGUSR1 (``--signal`` before the time
+authenticates the Ray nodes to each other, and a one-node job's Ray listens on loopback
+only (``pipeline.ray_security``). A SIGUSR1 (``--signal`` before the time
 limit) or SIGTERM makes training checkpoint and stop; under Slurm the job is then
 requeued and the requeued job resumes the same run. Imports no ray or torch at module
 level.
@@ -28,7 +29,6 @@ import json
 import logging
 import os
 import re
-import secrets
 import shutil
 import signal
 import socket
@@ -49,6 +49,7 @@ from pipeline.plan import (
     ray_temp_dir,
     resolve_plan,
 )
+from pipeline.ray_security import LOOPBACK, new_token, secure_environment
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,12 @@ def node_address(node: str) -> str:
     except OSError as err:
         raise LaunchError(f"cannot resolve the address of node {node} ({host}): {err}",
                           "check the node's NodeAddr in slurm.conf and DNS") from None
+
+
+def node_ip(alloc: Allocation) -> str:
+    """The address this node's Ray binds: loopback in a one-node job, which nothing
+    outside the node needs to reach, else the node's own address (:func:`node_address`)."""
+    return node_address(alloc.this_node) if alloc.multi_node else LOOPBACK
 
 
 def ray_executable() -> list[str]:
@@ -132,14 +139,15 @@ def wait_for_rendezvous(path: Path, timeout: float = 120) -> tuple[str, str]:
     return data["token"], data["head"]
 
 
-def with_token(token: str, head: str) -> dict[str, str]:
+def with_token(token: str, head: str, one_node: bool = False) -> dict[str, str]:
     """This process's environment for the job's Ray processes: token authentication
     with the job's own token, and ``RAY_ADDRESS`` set to the job's head. Ray's own
     helpers that find "the" cluster by themselves (Ray Train's placement-group cleaner
     through the State API) otherwise fail with "Found multiple active Ray instances"
     when another job's Ray runs on the same node."""
-    return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
-            "RAY_ADDRESS": head}
+    env = {**os.environ, "RAY_AUTH_TOKEN": token, "RAY_ADDRESS": head}
+    secure_environment(env, one_node)  # a one-node job's Ray: on loopback only
+    return env
 
 
 class RayCluster:
@@ -149,16 +157,16 @@ class RayCluster:
     def __init__(self, plan: ExecutionPlan, cfg: Config, srun_workers: bool):
         assert plan.allocation is not None and plan.ports is not None
         self.alloc, self.plan, self.cfg, self.srun_workers = plan.allocation, plan, cfg, srun_workers
-        self.head_ip = node_address(self.alloc.this_node)
+        self.head_ip = node_ip(self.alloc)
         self.address = f"{self.head_ip}:{plan.ports['port']}"
         self.processes: list[subprocess.Popen] = []
         self.rendezvous = rendezvous_file(cfg.run_dir(), self.alloc, dict(os.environ)) \
             if self.alloc.in_step else None
 
     def start(self) -> None:
-        token = os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(32)
+        token = new_token()  # this job's own, never one inherited from the environment
         # the driver, the srun steps and every Ray process of the job inherit these
-        os.environ.update(with_token(token, self.address))
+        os.environ.update(with_token(token, self.address, one_node=not self.alloc.multi_node))
         head = ray_start_command(self.alloc, self.alloc.this_node, self.plan.ports or {},
                                  None, self.head_ip)
         log.info("starting the Ray head on %s (%s)", self.alloc.this_node, self.address)
@@ -337,7 +345,7 @@ def run_worker(alloc: Allocation, ports: dict[str, int], head: str, token: str,
     stops: in place of this process (``replace``; an srun step the head ends), or as a
     child whose exit, when the head has gone, is the normal end of an srun task."""
     env = with_token(token, head)
-    cmd = ray_start_command(alloc, alloc.this_node, ports, head, node_address(alloc.this_node))
+    cmd = ray_start_command(alloc, alloc.this_node, ports, head, node_ip(alloc))
     deadline = time.monotonic() + 120
     while True:  # the head may still be starting: retry until it answers
         host, port = head.rsplit(":", 1)

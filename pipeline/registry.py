@@ -16,7 +16,16 @@ One registry per config ``name``, a plain folder that anything can read::
 Every write is atomic: a version is assembled in a hidden temporary folder and renamed
 into place, ``champion.json`` and ``decisions.jsonl`` are written to a temporary file
 and renamed, so a crash never leaves a half-registered version or a torn line. Writers
-hold an ``fcntl`` lock on ``<name>/.lock`` (concurrent scheduled jobs queue up).
+hold ``<name>/.lock`` (:func:`pipeline.files.file_lock`; concurrent writers queue up,
+for seconds: the champion is re-evaluated outside it), and ``pipeline retrain`` holds
+``<name>/.retrain.lock`` from start to end, so a second retrain of the same registry
+is refused at once instead of training the same version twice.
+
+A promotion is a journal: the decision is appended to ``decisions.jsonl`` first, then
+``champion.json`` is rewritten. A crash between the two leaves the last promoted
+decision naming a version that is not the champion; whoever takes the lock next (every
+writer, ``retrain``, ``pipeline registry``) completes it, so ``decisions.jsonl`` is the
+record and ``champion.json`` always ends up agreeing with it.
 
 Promotion (:func:`compare`): the challenger replaces the champion only if, on
 ``registry.metric`` at ``registry.lead``, its per-channel relative improvement over the
@@ -31,7 +40,6 @@ This module reads metrics, never reports; torch is only imported to re-evaluate.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -46,9 +54,11 @@ from typing import Any
 
 import yaml
 
+from pipeline import files
 from pipeline.config import Config
 from pipeline.data import store
 from pipeline.errors import CheckpointError, RegistryError
+from pipeline.evaluate import results
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +69,6 @@ DECISIONS_FILE = "decisions.jsonl"
 
 
 # --------------------------------------------------------------------------- small pieces
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write a file so that readers see the old content or the new, never a part."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -263,33 +266,64 @@ class ModelRegistry:
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        """Exclusive access for writers; leftovers of a crashed writer are removed."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                for stale in self.root.glob(".v*.tmp-*"):
+        """Exclusive access for writers; what a crashed writer left is cleaned up (its
+        temporaries) or finished (its promotion)."""
+        with files.file_lock(self.root / ".lock"):
+            for stale in self.root.glob(".*.tmp-*"):  # versions, champion.json, decisions
+                if stale.is_dir():
                     shutil.rmtree(stale, ignore_errors=True)
+                else:
+                    stale.unlink(missing_ok=True)
+            self._complete_promotion()
+            yield
+
+    def recover(self) -> None:
+        """Finish what a crashed writer left (see :meth:`lock`); nothing to do without a
+        registry folder."""
+        if self.root.is_dir():
+            with self.lock():
+                pass
+
+    @contextlib.contextmanager
+    def retraining(self) -> Iterator[None]:
+        """Be the registry's one ``retrain`` for the block, or raise RegistryError at once."""
+        try:
+            with files.file_lock(self.root / ".retrain.lock", wait=False):
                 yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        except files.Locked as err:
+            raise RegistryError(f"another retrain of {self.root} is running "
+                                f"({err.holder or 'holder unknown'})",
+                                "it registers and decides on this data; run retrain again "
+                                "after it has finished") from None
+
+    def _complete_promotion(self) -> None:
+        """Apply the last promotion in ``decisions.jsonl`` to ``champion.json`` if a crash
+        came between the two writes (under the lock)."""
+        promoted = [d for d in self.decisions() if d["promoted"]]
+        if not promoted:
+            return
+        last, path = promoted[-1], self.root / CHAMPION_FILE
+        if path.exists() and read_json(path)["version"] == last["challenger"]:
+            return
+        log.warning("completing the promotion of %s that a crash interrupted", last["challenger"])
+        self._set_champion(self.get(last["challenger"]), last["champion"])
 
     def register(self, run_dir: Path, store_path: str | Path) -> tuple[Version, bool]:
         """Register the run's best checkpoint with its evaluation; returns (version,
         created). A checkpoint already registered (same weights) is not added twice."""
         run_dir = Path(run_dir)
-        best, metrics_path = run_dir / "best", run_dir / "eval" / "metrics.json"
+        best = run_dir / "best"
+        metrics_path = run_dir / results.EVAL_DIR / results.METRICS_FILE
         for needed in (best / "state.pt", best / "meta.json", metrics_path):
             if not needed.is_file():
                 raise RegistryError(f"cannot register {run_dir}: {needed} is missing",
                                     "train and evaluate the run first")
-        meta, metrics = read_json(best / "meta.json"), read_json(metrics_path)
+        meta = read_json(best / "meta.json")
         facts = store_facts(store_path)
-        if (Path(metrics["checkpoint"]).resolve() != best.resolve()
-                or metrics.get("checkpoint_step") != meta["step"]
-                or metrics["store_version"] != facts["dataset_version"]):
-            raise RegistryError(f"the evaluation of {run_dir} is not of its best checkpoint on "
-                                f"store version {facts['dataset_version']}",
+        metrics = results.current_metrics(run_dir, facts["dataset_version"])
+        if metrics is None:
+            raise RegistryError(f"the evaluation of {run_dir} is not a whole one of its best "
+                                f"checkpoint on store version {facts['dataset_version']}",
                                 "evaluate the run again")
         trained_on = meta.get("store", {}).get("dataset_version")
         if trained_on != facts["dataset_version"]:
@@ -327,12 +361,34 @@ class ModelRegistry:
     def _append_decision(self, decision: dict[str, Any]) -> None:
         lines = [json.dumps(d, sort_keys=True) for d in self.decisions()]
         lines.append(json.dumps(decision, sort_keys=True))
-        write_atomic(self.root / DECISIONS_FILE, "\n".join(lines) + "\n")
+        files.atomic_write(self.root / DECISIONS_FILE, "\n".join(lines) + "\n")
 
-    def _set_champion(self, version: Version, previous: Version | None) -> None:
-        write_atomic(self.root / CHAMPION_FILE, json.dumps(
-            {"version": version.name, "since": store.now(),
-             "previous": previous.name if previous else None}, indent=1) + "\n")
+    def _set_champion(self, version: Version, previous: str | None) -> None:
+        files.atomic_write(self.root / CHAMPION_FILE, json.dumps(
+            {"version": version.name, "since": store.now(), "previous": previous},
+            indent=1) + "\n")
+
+    def _earlier(self, challenger: Version, champion: Version, key: str) -> dict[str, Any] | None:
+        """The decision already taken on this pair and evaluation data, if any."""
+        for earlier in self.decisions():
+            if (earlier["challenger"], earlier["champion"], earlier["eval_key"]) == (
+                    challenger.name, champion.name, key):
+                return earlier
+        return None
+
+    def _score_champion(self, challenger: Version, cfg: Config) -> str | None:
+        """Re-evaluate the champion on the challenger's data before the lock is taken, when
+        it will be needed (a whole evaluation must not hold up other writers); returns
+        the champion scored. A failure is found again, and recorded, under the lock."""
+        champion = self.champion()
+        key = challenger.eval_key
+        if (champion is None or champion.name == challenger.name
+                or champion.metrics_for(key) is not None
+                or self._earlier(challenger, champion, key) is not None):
+            return None
+        with contextlib.suppress(CheckpointError):
+            self._reevaluate(champion, challenger, cfg)
+        return champion.name
 
     def challenge(self, challenger: Version, cfg: Config) -> dict[str, Any]:
         """Decide whether ``challenger`` replaces the champion; record the decision.
@@ -340,8 +396,9 @@ class ModelRegistry:
         ``cfg`` is the config the challenger was evaluated with (its store and evaluate
         section): the champion is re-evaluated with it when needed. Deciding twice on
         the same pair and data records nothing new: the first decision is returned with
-        ``"already_decided": True`` (and a promotion a crash interrupted is completed).
+        ``"already_decided": True``.
         """
+        scored = self._score_champion(challenger, cfg)
         with self.lock():
             champion = self.champion()
             key = challenger.eval_key
@@ -351,22 +408,19 @@ class ModelRegistry:
             if champion is None:
                 decision = {**base, "champion": None, "promoted": True,
                             "reason": "first version: champion by default"}
-                self._append_decision(decision)
+                self._append_decision(decision)  # the journal first (module docstring)
                 self._set_champion(challenger, None)
                 return decision
             if champion.name == challenger.name:
                 return {**base, "champion": champion.name, "promoted": False,
                         "already_decided": True, "reason": "already the champion"}
-            for earlier in self.decisions():
-                if (earlier["challenger"], earlier["champion"], earlier["eval_key"]) == (
-                        challenger.name, champion.name, key):
-                    if earlier["promoted"]:
-                        self._set_champion(challenger, champion)
-                    return {**earlier, "already_decided": True}
+            earlier = self._earlier(challenger, champion, key)
+            if earlier is not None:
+                return {**earlier, "already_decided": True}
             champion_metrics = champion.metrics_for(key)
-            reevaluated = champion_metrics is None
+            reevaluated = champion_metrics is None or scored == champion.name
             try:
-                if reevaluated:
+                if champion_metrics is None:  # it failed, or the champion changed meanwhile
                     champion_metrics = self._reevaluate(champion, challenger, cfg)
             except CheckpointError as err:  # e.g. statistics recomputed on append
                 decision = {**base, "champion": champion.name, "promoted": False,
@@ -382,9 +436,9 @@ class ModelRegistry:
             decision = {**base, "champion": champion.name, "promoted": comparison.promote,
                         "reason": comparison.reason, "champion_reevaluated": reevaluated,
                         **comparison.as_dict()}
-            self._append_decision(decision)
+            self._append_decision(decision)  # the journal first (module docstring)
             if comparison.promote:
-                self._set_champion(challenger, champion)
+                self._set_champion(challenger, champion.name)
         log.info("%s vs champion %s: %s", challenger.name, champion.name, decision["reason"])
         return decision
 
@@ -411,7 +465,7 @@ class ModelRegistry:
                                 "the store or evaluate.* changed meanwhile; run retrain again")
         evals = champion.path / "evals"
         evals.mkdir(exist_ok=True)
-        write_atomic(evals / f"{eval_key(data)}.json", json.dumps(metrics, indent=1) + "\n")
+        files.atomic_write(evals / f"{eval_key(data)}.json", json.dumps(metrics, indent=1) + "\n")
         return metrics
 
 

@@ -22,13 +22,16 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from pipeline.config import Config, config_hash
 from pipeline.errors import ConfigError
 from pipeline.evaluate.verdict import lead_verdict
+
+if TYPE_CHECKING:
+    from pipeline.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +75,25 @@ def reads_demo(cfg: Config) -> bool:
 
 
 def ensure_demo(cfg: Config) -> str | None:
-    """Write the demo data when a source reads ``data/demo/raw`` and it is missing."""
+    """Write the demo data when a source reads ``data/demo/raw`` and it holds no files.
+
+    Files already there are never rewritten, even when they are not the ones the config
+    is written for: the user made them (``pipeline demo-data --size tiny``, say) and the
+    stores built from them record them, so rewriting would break those stores. They are
+    used as they are, with one line that says how they differ; a config they cannot
+    serve then fails in preprocessing with the error that names what is missing."""
     if not reads_demo(cfg):
         return None
-    from pipeline.data.synthetic import demo_spec, ensure_demo_data
+    from pipeline.data.synthetic import demo_differences, demo_spec, ensure_demo_data
 
-    paths, written = ensure_demo_data(DEMO_RAW, demo_spec(DEMO_SIZE, months=demo_months(cfg)))
+    spec = demo_spec(DEMO_SIZE, months=demo_months(cfg))
+    differences = demo_differences(DEMO_RAW, spec)
+    if differences:
+        return (f"demo data: using the files in {DEMO_RAW} as they are, not rewritten; they "
+                f"differ from size {DEMO_SIZE}, {spec.months} months: {'; '.join(differences)} "
+                f"(`pipeline demo-data {DEMO_RAW} --size {DEMO_SIZE} --months {spec.months}` "
+                "writes those)")
+    paths, written = ensure_demo_data(DEMO_RAW, spec)
     return (f"demo data: {'wrote' if written else 'kept'} {len(paths)} files in {DEMO_RAW} "
             f"(size {DEMO_SIZE})")
 
@@ -116,19 +132,12 @@ def training_done(cfg: Config) -> int | None:
     return progress["step"] if finished else None
 
 
-def evaluation_current(cfg: Config, run_dir: Path) -> bool:
-    """Does ``eval/metrics.json`` score the current best checkpoint on the current store
-    version with this config?"""
-    import json
+def current_evaluation(cfg: Config, run_dir: Path) -> dict[str, Any] | None:
+    """The metrics of the run's evaluation if it is whole and scores the current best
+    checkpoint on the current store version with this config, else None."""
+    from pipeline.evaluate.results import current_metrics
 
-    path, best = run_dir / "eval" / "metrics.json", run_dir / "best" / "meta.json"
-    if not path.exists() or not best.exists():
-        return False
-    metrics, meta = json.loads(path.read_text()), json.loads(best.read_text())
-    return (Path(metrics.get("checkpoint", "")).resolve() == (run_dir / "best").resolve()
-            and metrics.get("checkpoint_step") == meta.get("step")
-            and metrics.get("store_version") == store_facts(cfg)["dataset_version"]
-            and metrics.get("config_hash") == config_hash(cfg))
+    return current_metrics(run_dir, store_facts(cfg)["dataset_version"], config_hash(cfg))
 
 
 def train_stage(cfg: Config, train_fn: TrainFn | None, out: Outcome) -> bool:
@@ -156,14 +165,12 @@ def train_stage(cfg: Config, train_fn: TrainFn | None, out: Outcome) -> bool:
 
 def evaluate_stage(cfg: Config, out: Outcome) -> dict[str, Any]:
     """Evaluate unless the evaluation is current; return the metrics."""
-    import json
-
     from pipeline.evaluate.evaluate import evaluate
 
     run_dir = cfg.run_dir()
-    if evaluation_current(cfg, run_dir):
+    metrics = current_evaluation(cfg, run_dir)
+    if metrics is not None:
         out.say(f"evaluate: {run_dir / 'eval'} is current; skipped")
-        metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
     else:
         metrics = evaluate(cfg, run_dir)
         out.say(f"evaluate: wrote {run_dir / 'eval' / 'metrics.json'}")
@@ -216,6 +223,12 @@ def retrain(cfg: Config, train_fn: TrainFn | None = None) -> Outcome:
     if cfg.registry.lead not in cfg.evaluate.leads:
         raise ConfigError(f"registry.lead {cfg.registry.lead} is not in evaluate.leads "
                           f"{cfg.evaluate.leads}", "add it to evaluate.leads")
+    with registry.retraining():  # one retrain of a registry at a time: a second is refused
+        registry.recover()  # a promotion a crash interrupted is completed first
+        return _retrain(cfg, registry, train_fn)
+
+
+def _retrain(cfg: Config, registry: ModelRegistry, train_fn: TrainFn | None) -> Outcome:
     out = Outcome()
     demo = ensure_demo(cfg)
     if demo:
@@ -263,4 +276,4 @@ def own_run_current(cfg: Config, dataset_version: int) -> bool:
     if training_done(cfg) is None or not best.exists():
         return False
     trained_on = json.loads(best.read_text()).get("store", {}).get("dataset_version")
-    return trained_on == dataset_version and evaluation_current(cfg, cfg.run_dir())
+    return trained_on == dataset_version and current_evaluation(cfg, cfg.run_dir()) is not None

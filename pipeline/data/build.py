@@ -18,7 +18,6 @@ bounded by one shard whatever the size of the data.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import gc
 import json
@@ -35,7 +34,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from pipeline import __version__
+from pipeline import __version__, files
 from pipeline.config import Config, Data, config_hash, resolved_dict
 from pipeline.data import statistics, store
 from pipeline.data.cluster import dask_client, local_settings, start_worker_server
@@ -56,7 +55,7 @@ from pipeline.data.transforms import (
     transform_static,
     transform_window,
 )
-from pipeline.errors import PipelineError, SourceError, StoreError
+from pipeline.errors import PipelineError, SourceError, StoreError, disk_full
 
 log = logging.getLogger(__name__)
 
@@ -126,17 +125,29 @@ def _split_mask(times: pd.Index, cfg: Data) -> np.ndarray:
 # --------------------------------------------------------------------------- init
 
 
+def store_lock_path(store_path: str) -> str:
+    """``STORE.lock`` beside the store. A store path that names no folder (``/``) or
+    whose parent cannot hold the lock file is a user error, raised before any write."""
+    path = os.path.abspath(store_path)
+    parent, name = os.path.split(path)
+    if not name:
+        raise StoreError(f"data.store {store_path!r} is the file-system root",
+                         "set data.store to a store folder such as data/store.zarr")
+    existing = parent
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        why = "not a folder" if not os.path.isdir(existing) else "not writable"
+        raise StoreError(f"data.store {store_path!r} cannot be created: {existing} is {why}",
+                         "set data.store to a path in a writable folder")
+    return path + ".lock"
+
+
 @contextlib.contextmanager
 def _init_lock(store_path: str) -> Iterator[None]:
     """Serialise init between concurrent processes (Slurm array tasks starting together)."""
-    lock_path = store_path.rstrip("/") + ".lock"
-    os.makedirs(os.path.dirname(lock_path) or ".", exist_ok=True)
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with files.file_lock(store_lock_path(store_path)):
+        yield
 
 
 def _provenance(plan: BuildPlan) -> list[dict[str, Any]]:
@@ -315,6 +326,11 @@ def _shard_task(config_json: str, sources_key: str, shard: int) -> tuple[int, Pi
         return build_shard(_worker_plan(config_json, sources_key), shard), None
     except PipelineError as err:
         return shard, err
+    except OSError as err:  # a full disk is the user's to fix, too
+        full = disk_full(err)
+        if full is None:
+            raise
+        return shard, full
 
 
 def run_shards(cfg: Config, plan: BuildPlan, shards: list[int], client: Any) -> None:
@@ -477,6 +493,26 @@ def _extend_arrays(group: Any, plan: BuildPlan, first_shard: int, reset: bool) -
                                               (plan.n_shards - first_shard, *stats.shape[1:]))
 
 
+def _repair(cfg: Config, plan: BuildPlan, workers: int | None, scheduler: str | None,
+            memory_limit: str | None) -> str:
+    """Rebuild the shard files a complete store has lost (a damaged one is deleted by
+    the user first, as ``inspect --verify`` says). The sources are those it was built
+    from (``init`` checked), so the shards come back bitwise and the statistics, the
+    dataset version and the checkpoints trained on it stay valid."""
+    path = Path(plan.store_path)
+    missing = store.missing_shards(store.data_array(path))
+    if not missing:
+        return f"{path} is already complete; nothing to do"
+    done = store.open_group(path, mode="r+")["_build/done"]
+    for shard in missing:
+        done[shard] = False
+    log.warning("%s has lost %d shard file(s): rebuilding shards %s", path, len(missing),
+                ", ".join(map(str, missing)))
+    with dask_client(workers, scheduler, memory_limit) as client:
+        run_shards(cfg, plan, missing, client)
+    return f"{path}: complete, {len(missing)} lost shard(s) rebuilt"
+
+
 # --------------------------------------------------------------------------- the command
 
 
@@ -496,7 +532,7 @@ def preprocess(cfg: Config, part: tuple[int, int] | None = None, append: bool = 
             if not prepare_append(cfg, plan):
                 return f"{path}: no new time steps in the sources; store unchanged"
     elif not init(cfg, plan) and store.open_group(path).attrs.get("complete"):
-        return f"{path} is already complete; nothing to do"
+        return _repair(cfg, plan, workers, scheduler, memory_limit)
     shards = list(range(plan.n_shards)) if part is None else shards_of_part(plan.n_shards, *part)
     with dask_client(workers, scheduler, memory_limit) as client:
         run_shards(cfg, plan, shards, client)

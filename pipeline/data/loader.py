@@ -273,8 +273,8 @@ class ForecastDataset(Dataset):
 
     def _data(self) -> zarr.Array:
         if self._array is None or self._pid != os.getpid():  # reopen after a fork
-            self._array = zarr.open_array(self.path, path="data", mode="r")
-            self._steps = ShardFiles.of(self._array)
+            self._array = store.data_array(self.path)
+            self._steps = ShardFiles.of(self._array, complete=True)
             self._pid = os.getpid()
         return self._array
 
@@ -305,7 +305,11 @@ class ForecastDataset(Dataset):
             self._steps.read(first, out)
             return
         buffer = default_buffer_prototype().nd_buffer.from_numpy_array(out)
-        array.get_basic_selection(slice(first, first + out.shape[0]), out=buffer)
+        try:
+            array.get_basic_selection(slice(first, first + out.shape[0]), out=buffer)
+        except (ValueError, RuntimeError):  # a damaged chunk: name its step, or re-raise
+            store.DataReader(self.path)[first:first + out.shape[0]]
+            raise
 
     def _run_times(self, indices: Sequence[int]) -> np.ndarray:
         """The time indices of a run's samples; they must be consecutive."""

@@ -9,8 +9,9 @@ take the GIL back for). Writing: it fills each chunk with the fill value, copies
 step in, encodes it, and joins the encoded chunks into the shard's bytes. The store
 this pipeline writes has one layout (``store.create``): shards of whole steps along
 time, one inner chunk per step, the bytes codec then Blosc, Zstd or no compression,
-and the shard index (offset and length of each step, little-endian uint64) at the end
-with a CRC32C. For that layout, ``ShardFiles`` decodes each step straight into the
+then (format 2 stores) a CRC32C of the step's bytes, checked on every read, and the
+shard index (offset and length of each step, little-endian uint64) at the end with a
+CRC32C. For that layout, ``ShardFiles`` decodes each step straight into the
 caller's buffer (2.2x zarr's single-thread rate on the benchmark store; bench/loader.py)
 and writes a shard as its encoded steps and its index in one file, atomically. The
 metadata stays zarr's, and zarr and xarray read the shards as their own (tested). Any
@@ -24,16 +25,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import numcodecs
 import numpy as np
 import zarr
 import zarr.codecs
 from zarr.storage import LocalStore
 
+from pipeline import files
 from pipeline.errors import StoreError
 
 EMPTY = 2**64 - 1  # offset and length of an inner chunk that was never written
-_REBUILD = "rebuild the store's damaged shards: rerun `pipeline preprocess` on a fresh store path"
+# how to repair a complete store's damaged shards (build.preprocess)
+REBUILD = ("rerun `pipeline preprocess CONFIG`: it rebuilds the missing shards of a complete "
+           "store (delete a damaged shard's file first)")
 _BLOSC_SHUFFLE = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE,
                   "bitshuffle": numcodecs.Blosc.BITSHUFFLE}
 
@@ -42,9 +47,12 @@ class ShardFiles:
     """Whole steps of a data array shaped (time, ...) in the layout above; made by
     :meth:`of` only for that layout."""
 
-    def __init__(self, array: zarr.Array, codec: Any | None):
-        self._root = Path(array.store.root) / array.path
+    def __init__(self, array: zarr.Array, codec: Any | None, checksum: bool, complete: bool):
+        self._store = Path(array.store.root)
+        self._root = self._store / array.path
         self._codec = codec  # numcodecs compressor, or None for no compression
+        self._checksum = checksum  # each step's bytes end with their CRC32C
+        self._complete = complete  # a missing shard file is an error, not the fill value
         self._metadata = array.metadata
         self._step_shape = tuple(array.shape[1:])
         self._shard_steps = array.metadata.chunk_grid.chunk_shape[0]
@@ -53,8 +61,9 @@ class ShardFiles:
         self._crc = numcodecs.CRC32C(location="end")
 
     @classmethod
-    def of(cls, array: zarr.Array) -> ShardFiles | None:
-        """The shard files of ``array`` if it has the layout this pipeline writes, else None."""
+    def of(cls, array: zarr.Array, complete: bool = False) -> ShardFiles | None:
+        """The shard files of ``array`` if it has the layout this pipeline writes, else None.
+        ``complete``: the array is a finished store's, so every shard file must exist."""
         meta = array.metadata
         if (not isinstance(array.store, LocalStore) or sys.byteorder != "little"
                 or getattr(meta, "zarr_format", None) != 3 or np.dtype(array.dtype) != np.float32
@@ -72,15 +81,19 @@ class ShardFiles:
         if not inner or not isinstance(inner[0], zarr.codecs.BytesCodec) \
                 or inner[0].endian not in (None, zarr.codecs.Endian.little):
             return None
+        checksum = isinstance(inner[-1], zarr.codecs.Crc32cCodec)
+        inner = inner[:-1] if checksum else inner
         if len(inner) == 1:
-            return cls(array, None)
+            return cls(array, None, checksum, complete)
         compressor = inner[1]
         if len(inner) == 2 and isinstance(compressor, zarr.codecs.BloscCodec):
             return cls(array, numcodecs.Blosc(
                 cname=compressor.cname.value, clevel=compressor.clevel,
-                shuffle=_BLOSC_SHUFFLE[compressor.shuffle.value], blocksize=compressor.blocksize))
+                shuffle=_BLOSC_SHUFFLE[compressor.shuffle.value], blocksize=compressor.blocksize),
+                checksum, complete)
         if len(inner) == 2 and isinstance(compressor, zarr.codecs.ZstdCodec):
-            return cls(array, numcodecs.Zstd(level=compressor.level, checksum=compressor.checksum))
+            return cls(array, numcodecs.Zstd(level=compressor.level, checksum=compressor.checksum),
+                       checksum, complete)
         return None
 
     def _path(self, shard: int) -> Path:
@@ -97,18 +110,26 @@ class ShardFiles:
                              f"{self._step_shape}, got {block.shape}")
         steps = np.ascontiguousarray(block, dtype=np.float32)
         encoded = [self._encode(step) for step in steps]
+        tail = 4 if self._checksum else 0
         index = np.full((self._shard_steps, 2), EMPTY, dtype="<u8")
-        lengths = np.array([len(e) for e in encoded], dtype="<u8")
+        lengths = np.array([len(e) + tail for e in encoded], dtype="<u8")
         index[:len(encoded), 0] = np.cumsum(lengths) - lengths
         index[:len(encoded), 1] = lengths
         path = self._path(shard)
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.partial")
-        with open(partial, "wb") as f:
-            for part in encoded:
-                f.write(part)
-            f.write(self._crc.encode(index.tobytes()))
-        os.replace(partial, path)
+        files.clean_stale(path)  # the partial files of killed writers of this shard
+        partial = files.temporary_name(path)  # private: two tasks may write one shard
+        try:
+            with open(partial, "wb") as f:
+                for part in encoded:
+                    f.write(part)
+                    if self._checksum:
+                        f.write(_crc32c(part))
+                f.write(self._crc.encode(index.tobytes()))
+            os.replace(partial, path)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
 
     def _encode(self, step: np.ndarray) -> Any:
         return memoryview(step).cast("B") if self._codec is None else self._codec.encode(step)
@@ -130,18 +151,21 @@ class ShardFiles:
         try:
             f = open(path, "rb")  # noqa: SIM115 (closed below)
         except FileNotFoundError:
+            if self._complete:
+                raise StoreError(f"training store {self._store} has lost shard file {path}",
+                                 REBUILD) from None
             out[...] = self._fill  # a shard never written reads as the fill value, as in zarr
             return
         with f:
             f.seek(0, 2)
             if f.tell() < self._index_bytes:
-                raise StoreError(f"shard {path} is truncated", _REBUILD)
+                raise StoreError(f"shard {path} is truncated", REBUILD)
             f.seek(-self._index_bytes, 2)
             try:
                 index = self._crc.decode(f.read(self._index_bytes))
             except RuntimeError as err:
                 raise StoreError(f"shard {path} is corrupt: its index checksum does not match",
-                                 _REBUILD) from err
+                                 REBUILD) from err
             pairs = np.frombuffer(index, dtype="<u8").reshape(self._shard_steps, 2)
             for k in range(out.shape[0]):
                 offset, length = (int(v) for v in pairs[first - shard * self._shard_steps + k])
@@ -150,15 +174,34 @@ class ShardFiles:
                     step[...] = self._fill
                     continue
                 f.seek(offset)
-                self._decode(f, length, step, path)
+                self._decode(f, length, step, path, first + k)
 
-    def _decode(self, f: Any, length: int, step: np.ndarray, path: Path) -> None:
+    def _decode(self, f: Any, length: int, step: np.ndarray, path: Path, t: int) -> None:
+        """Step ``t`` (``length`` bytes at the file's position) into ``step``."""
+        tail = 4 if self._checksum else 0
         if self._codec is None:
-            if length != step.nbytes or f.readinto(memoryview(step).cast("B")) != length:
-                raise StoreError(f"shard {path} holds a step of the wrong size", _REBUILD)
+            if length != step.nbytes + tail or f.readinto(memoryview(step).cast("B")) != step.nbytes:
+                raise StoreError(f"shard {path} holds a step of the wrong size", REBUILD)
+            self._check(step.view(np.uint8).reshape(-1), f.read(tail), path, t)
             return
+        encoded = np.frombuffer(f.read(length), dtype=np.uint8)
+        if encoded.size != length:
+            raise StoreError(f"shard {path} is truncated", REBUILD)
+        body = encoded[:length - tail]
+        self._check(body, encoded[length - tail:].tobytes(), path, t)
         try:
-            self._codec.decode(f.read(length), out=step)
+            self._codec.decode(body, out=step)
         except (RuntimeError, ValueError) as err:
             raise StoreError(f"shard {path} holds a step that does not decode: {err}",
-                             _REBUILD) from err
+                             REBUILD) from err
+
+    def _check(self, body: np.ndarray, stored: bytes, path: Path, t: int) -> None:
+        """Compare a step's bytes with the CRC32C stored after them (format 2 stores)."""
+        if self._checksum and _crc32c(body) != stored:
+            raise StoreError(f"training store {self._store} is corrupt at time step {t}: its "
+                             f"checksum does not match (shard file {path})", REBUILD)
+
+
+def _crc32c(data: Any) -> bytes:
+    """The CRC32C of ``data`` as zarr's ``crc32c`` codec stores it (little-endian uint32)."""
+    return int(google_crc32c.value(np.frombuffer(data, dtype=np.uint8))).to_bytes(4, "little")

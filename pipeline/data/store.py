@@ -28,10 +28,11 @@ import xarray as xr
 import zarr
 import zarr.codecs
 
-from pipeline.data.shards import ShardFiles
+from pipeline.data.shards import REBUILD, ShardFiles
 from pipeline.errors import StoreError
 
-FORMAT_VERSION = 1
+# 2: each chunk of ``data`` ends with a CRC32C (format 1 stores, without, stay readable)
+FORMAT_VERSION = 2
 STAT_NAMES = ("mean", "std", "min", "max", "diff_mean", "diff_std")
 
 
@@ -72,7 +73,7 @@ def create(path: Path, template: xr.Dataset, shard_size: int, codec: tuple[Any, 
     encoding = {
         "data": {"chunks": (1, n_channels, n_lat, n_lon),
                  "shards": (shard_size, n_channels, n_lat, n_lon),
-                 "compressors": codec, "fill_value": np.nan},
+                 "compressors": (*codec, zarr.codecs.Crc32cCodec()), "fill_value": np.nan},
         "static": {"chunks": (max(n_static, 1), n_lat, n_lon), "compressors": codec},
         "time": {"dtype": "int64"},
     }
@@ -104,14 +105,114 @@ def open_group(path: str | Path, mode: str = "r") -> zarr.Group:
 
 
 def open_complete(path: str | Path) -> zarr.Group:
-    """Open a store for reading; refuse one whose build has not been finalised."""
+    """Open a store for reading; refuse one whose build has not been finalised, whose
+    ``data`` metadata does not parse, or that lost a shard file (it would read as NaN)."""
     group = open_group(path)
     if not group.attrs.get("complete", False):
         done = done_flags(group)
         raise StoreError(f"training store {path} is incomplete ({int(done.sum())} of {done.size} "
                          "shards written, not finalised)",
                          "finish it with `pipeline preprocess CONFIG`, which resumes where it stopped")
+    array = data_array(path)
+    missing = missing_shards(array)
+    if missing:
+        raise StoreError(f"training store {path} has lost {len(missing)} shard file(s): "
+                         f"{shard_path(array, missing[0])}{' ...' if len(missing) > 1 else ''}",
+                         REBUILD)
     return group
+
+
+def data_array(path: str | Path) -> zarr.Array:
+    """The store's ``data`` array, with a clear error if its metadata is damaged."""
+    try:
+        return zarr.open_array(str(path), path="data", mode="r")
+    except Exception as err:  # noqa: BLE001 - unreadable metadata, whatever the parser says
+        raise StoreError(f"training store {path}: data/zarr.json is unreadable "
+                         f"({type(err).__name__}: {' '.join(str(err).split())[:120]})",
+                         "rebuild the store: delete it and rerun `pipeline preprocess CONFIG`"
+                         ) from None
+
+
+def shard_steps(array: zarr.Array) -> int:
+    """Time steps per shard file of ``array``."""
+    return int((array.shards or array.chunks)[0])
+
+
+def shard_path(array: zarr.Array, shard: int) -> Path:
+    """The file of shard ``shard`` of a local ``data`` array (steps along time only)."""
+    key = array.metadata.encode_chunk_key((shard, *[0] * (array.ndim - 1)))
+    return Path(array.store.root) / array.path / key
+
+
+def missing_shards(array: zarr.Array) -> list[int]:
+    """The shards of ``array`` whose file is missing."""
+    count = -(-array.shape[0] // shard_steps(array))
+    return [s for s in range(count) if not shard_path(array, s).is_file()]
+
+
+def has_checksums(array: zarr.Array) -> bool:
+    """Whether each chunk of ``array`` ends with a CRC32C (format 2 stores)."""
+    inner = getattr(array.metadata.codecs[0], "codecs", array.metadata.codecs)
+    return any(isinstance(c, zarr.codecs.Crc32cCodec) for c in inner)
+
+
+class DataReader:
+    """Reads of the store's ``data`` through zarr, a damaged chunk raised as a
+    :class:`StoreError` naming its time step instead of zarr's ``ValueError``."""
+
+    def __init__(self, path: str | Path):
+        self.path = os.path.abspath(path)
+        self.array = data_array(path)
+        self.shape = self.array.shape
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        try:
+            return self.array[key]
+        except (ValueError, RuntimeError) as err:
+            damaged = self._damaged_step(key)
+            if damaged is None:
+                raise  # not a damaged chunk: a caller's bad selection
+            raise corrupt(self.path, self.array, *damaged) from err
+
+    def _damaged_step(self, key: Any) -> tuple[int, Exception] | None:
+        """Re-read the selection's steps one at a time: the first that fails, if one does."""
+        first = key[0] if isinstance(key, tuple) else key
+        steps = range(self.shape[0])[first] if isinstance(first, slice) else [int(first)]
+        for t in steps:
+            try:
+                self.array[t]
+            except (ValueError, RuntimeError) as err:
+                return t, err
+        return None
+
+
+def corrupt(path: str | Path, array: zarr.Array, step: int, err: Exception) -> StoreError:
+    """The error for a step of ``data`` whose chunk fails its checksum or does not decode."""
+    return StoreError(f"training store {path} is corrupt at time step {step} (shard file "
+                      f"{shard_path(array, step // shard_steps(array))}: "
+                      f"{' '.join(str(err).split())[:70]})", REBUILD)
+
+
+def verify(path: str | Path) -> tuple[list[str], bool]:
+    """Read every shard of ``data`` whole, checking every checksum it has: the problems
+    found (one line each) and whether the chunks carry checksums (format 2)."""
+    group = open_group(path)
+    array = data_array(path)
+    written = done_flags(group) | bool(group.attrs.get("complete"))  # only those count
+    missing = [s for s in missing_shards(array) if written[s]]
+    problems = [f"shard {s}: file missing ({shard_path(array, s)})" for s in missing]
+    files, reader = ShardFiles.of(array, complete=True), DataReader(path)
+    steps = shard_steps(array)
+    for s in sorted(set(np.flatnonzero(written).tolist()) - set(missing)):
+        t0, t1 = s * steps, min((s + 1) * steps, array.shape[0])
+        try:
+            if files is not None:
+                files.read(t0, np.empty((t1 - t0, *array.shape[1:]), np.float32))
+            else:
+                reader[t0:t1]
+        except StoreError as err:
+            problems.append(f"shard {s}: {err.message}")
+    return problems, has_checksums(array)
 
 
 def done_flags(group: zarr.Group) -> np.ndarray:

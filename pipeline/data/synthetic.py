@@ -563,6 +563,25 @@ def write_demo_data(out_dir: Path, spec_or_size: DemoSpec | str) -> list[Path]:
     return [*paths, static]
 
 
+def demo_differences(out_dir: Path, spec: DemoSpec) -> list[str] | None:
+    """How the files in ``out_dir`` differ from ``spec``'s demo data: None when it holds
+    no files, [] when they are exactly that spec's, else one phrase per difference."""
+    out_dir = Path(out_dir)
+    present = sorted(p.name for p in out_dir.glob("*") if not p.name.startswith("."))
+    if not present:
+        return None
+    marker = out_dir / ".demo-spec.json"
+    try:
+        recorded = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return [f"{len(present)} files not written by `pipeline demo-data` (no readable {marker.name})"]
+    have, want = recorded.get("spec") or {}, json.loads(json.dumps(asdict(spec)))
+    found = [f"{key} {have.get(key)} (expected {value})" for key, value in want.items()
+             if have.get(key) != value]
+    missing = [name for name in recorded.get("files", []) if name not in present]
+    return found + ([f"files missing: {', '.join(missing)}"] if missing else [])
+
+
 def ensure_demo_data(out_dir: Path, spec: DemoSpec) -> tuple[list[Path], bool]:
     """Write the demo data unless ``out_dir`` already holds exactly this spec's files.
 

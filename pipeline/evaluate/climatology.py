@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import xarray as xr
-import zarr
 
+from pipeline.data.store import DataReader
 from pipeline.errors import ConfigError
 
 BY_DAY = "dayofyear_hour"
@@ -167,7 +167,7 @@ def compute(path: str, times: Any, first: int, last: int, channels: list[int],
     keys = calendar_keys(index, by)
     unique, inverse = np.unique(keys, axis=0, return_inverse=True)
     inverse = inverse.reshape(-1)
-    data = zarr.open_array(path, path="data", mode="r")
+    data = DataReader(path)
     n_lat, n_lon = data.shape[2], data.shape[3]
     sums = np.zeros((len(unique), len(channels), n_lat, n_lon))
     counts = np.bincount(inverse, minlength=len(unique)).astype(np.int64)

@@ -10,7 +10,7 @@ input held data at the init (the forecast is NaN there: ``pipeline predict``), a
 where the climatology has a value; the same points for the model and both baselines,
 so that a fill value scores for no one. Writes
 ``<run>/eval/metrics.json`` (see DESIGN.md, "The run directory"), plots and
-``report.html``.
+``report.html``, as one folder that appears whole or not at all (``results``).
 """
 
 from __future__ import annotations
@@ -18,22 +18,21 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
 
-from pipeline import __version__
+from pipeline import __version__, files
 from pipeline.config import Config, config_hash, load_config
 from pipeline.data.loader import ForecastDataset, StoreInfo
-from pipeline.data.store import now
+from pipeline.data.store import DataReader, now
 from pipeline.data.timeaxis import time_label
 from pipeline.errors import ConfigError
-from pipeline.evaluate import climatology, rollout
+from pipeline.evaluate import climatology, results, rollout
 from pipeline.evaluate.metrics import ScoreSums, skill_score
 
 log = logging.getLogger(__name__)
@@ -118,7 +117,7 @@ def score(model: rollout.Forecaster, dataset: ForecastDataset, inits: np.ndarray
     steps = np.asarray(leads) * model.lead  # store time steps of each scored lead
     shape = (len(leads), len(out))
     sums = {name: ScoreSums.zeros(shape) for name in FORECASTS}
-    data = zarr.open_array(info.path, path="data", mode="r")
+    data = DataReader(info.path)
     sample = None
     for chunk in chunks(inits, chunk_size):
         batch = dataset.read_batch([int(i) for i in chunk])  # consecutive inits share reads
@@ -186,9 +185,7 @@ def _json_number(value: Any) -> Any:
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """Write atomically: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=1, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    files.atomic_write(path, json.dumps(payload, indent=1, allow_nan=False) + "\n")
 
 
 def default_plot_channels(cfg: Config, names: list[str]) -> list[str]:
@@ -244,18 +241,35 @@ def evaluate(cfg: Config, run_dir: Path | None = None, report: bool = True) -> d
         "created": now(),
         "records": records(scores, info, model.lead),
     }
-    eval_dir = run_dir / "eval"
-    eval_dir.mkdir(parents=True, exist_ok=True)
-    write_json(eval_dir / "metrics.json", metrics)
-    if report:
-        from pipeline.evaluate import plots
-        from pipeline.evaluate import report as html
-
-        figures = plots.write_all(eval_dir, metrics, scores.sample, run_dir / "metrics.jsonl")
-        html.write(eval_dir, metrics, figures, run_name=cfg.name)
+    eval_dir = run_dir / results.EVAL_DIR
+    write_eval_dir(eval_dir, metrics, scores.sample, cfg.name, report)
     log.info("evaluated %s on %d init times of '%s': %s", model.folder, len(inits), ev.split,
-             eval_dir / "metrics.json")
+             eval_dir / results.METRICS_FILE)
     return metrics
+
+
+def write_eval_dir(eval_dir: Path, metrics: dict[str, Any], sample: MapSample | None,
+                   run_name: str, report: bool) -> None:
+    """Write plots, report and (last, listing the others in ``files``) ``metrics.json``
+    into a private temporary folder, then rename it to ``eval_dir``: the evaluation
+    counts only once all of it is there (``results.current_metrics``)."""
+    files.clean_stale(eval_dir)  # what killed evaluations of this run left
+    tmp = files.temporary_name(eval_dir)
+    tmp.mkdir(parents=True)
+    try:
+        written: list[str] = []
+        if report:
+            from pipeline.evaluate import plots
+            from pipeline.evaluate import report as html
+
+            figures = plots.write_all(tmp, metrics, sample, eval_dir.parent / "metrics.jsonl")
+            html.write(tmp, metrics, figures, run_name=run_name)
+            written = [f.file for f in figures] + [html.REPORT_FILE]
+        metrics["files"] = written
+        write_json(tmp / results.METRICS_FILE, metrics)
+        files.replace_folder(tmp, eval_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def evaluate_target(target: str | Path, overrides: list[str] | None = None) -> Path:

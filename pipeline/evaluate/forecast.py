@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ import pandas as pd
 import xarray as xr
 import zarr
 
-from pipeline import __version__
+from pipeline import __version__, files
 from pipeline.config import Config, apply_overrides, config_from_dict, load_config
 from pipeline.data import store
 from pipeline.data.forcings import forcing_field
@@ -91,7 +90,7 @@ def target_forcings(model: rollout.Forecaster, t: int, steps: int) -> tuple[np.n
     valid = info.times[inside].append(future[idx[idx >= info.n_time] - info.n_time])
     forcing = list(info.layout.forcings)
     values = np.empty((steps, len(forcing), info.lat.size, info.lon.size), np.float32)
-    data = zarr.open_array(info.path, path="data", mode="r")
+    data = store.DataReader(info.path)
     for k, j in enumerate(inside):
         values[k] = data[int(j)][forcing]
     if inside.size < steps:
@@ -194,16 +193,12 @@ def write_atomic(ds: xr.Dataset, out: Path) -> None:
         raise ConfigError(f"--out {out} exists and is not a forecast written by pipeline",
                           "choose another path, or remove it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    files.clean_stale(out)  # what killed writers of this forecast left
+    tmp = files.temporary_name(out)
     try:
         ds.to_zarr(str(tmp), mode="w-", zarr_format=3, consolidated=False)
         store.consolidate(tmp)
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        files.replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -235,7 +230,7 @@ def predict(checkpoint_path: str | Path, init: str, steps: int, out: str | Path,
     info = StoreInfo(cfg.data.store)
     model = rollout.from_checkpoint(found, info)
     t = init_index(info, init, model.history)
-    data = zarr.open_array(info.path, path="data", mode="r")
+    data = store.DataReader(info.path)
     raw = data[t - model.history + 1: t + 1]
     forcings, valid = target_forcings(model, t, steps)
     pred = model.rollout(model.normalise(raw)[None], forcings[None])[0]

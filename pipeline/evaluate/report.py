@@ -7,16 +7,17 @@ referenced by paths relative to ``eval/``, so the folder can be copied or served
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import jinja2
 
+from pipeline import files
 from pipeline.evaluate.plots import Plot
 from pipeline.evaluate.verdict import lead_verdicts
 
 TEMPLATE = "report.html.j2"
+REPORT_FILE = "report.html"
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -43,8 +44,6 @@ def write(eval_dir: Path, metrics: dict[str, Any], plots: list[Plot], run_name: 
     missing = [p.file for p in plots if not (eval_dir / p.file).is_file()]
     if missing:
         raise FileNotFoundError(f"report images missing in {eval_dir}: {missing}")
-    path = eval_dir / "report.html"
-    tmp = eval_dir / f".report.html.tmp-{os.getpid()}"
-    tmp.write_text(render(metrics, plots, run_name), encoding="utf-8")
-    os.replace(tmp, path)
+    path = eval_dir / REPORT_FILE
+    files.atomic_write(path, render(metrics, plots, run_name).encode("utf-8"))
     return path

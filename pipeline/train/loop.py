@@ -13,6 +13,8 @@ worker in ``trainer.py``.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import logging
 import math
@@ -34,11 +36,12 @@ from pipeline.config import Config, config_hash, resolved_dict
 from pipeline.data.batches import BatchLoader
 from pipeline.data.loader import BlockShuffleSampler, ForecastDataset, StoreInfo
 from pipeline.data.resident import ResidentLoader, ResidentSplit, fits_on, resident_bytes
-from pipeline.errors import CheckpointError
+from pipeline.errors import CheckpointError, TrainingError
 from pipeline.plan import ExecutionPlan, local_plan
 from pipeline.train import checkpoint
 from pipeline.train.models import area_weighted_mse, build_model, channel_mse
 from pipeline.train.progress import ProgressWriter
+from pipeline.train.rundir import run_writer
 from pipeline.train.sinks import open_sinks
 
 log = logging.getLogger(__name__)
@@ -123,6 +126,9 @@ class Runtime:
     resume_candidates: Callable[[], list[Path]] = lambda: []
     stop_requested: Callable[[], bool] = lambda: False
     plan: ExecutionPlan | None = None  # None: the config's own settings (local_plan)
+    # whether train_loop takes the run's lock (rundir.run_writer): a Ray Train worker
+    # does not, its driver holds it
+    owns_run: bool = False
 
     # a gloo group for the host values (all_reduce), whatever the default group's backend
     _host_group: Any = field(default=None, init=False, repr=False)
@@ -175,7 +181,7 @@ def local_runtime(cfg: Config, plan: ExecutionPlan | None = None) -> Runtime:
     device = torch.device("cuda" if plan.use_gpu and torch.cuda.is_available() else "cpu")
     return Runtime(run_dir=run_dir, plan=plan, device=device, save=save,
                    resume_candidates=lambda: checkpoint.list_steps(root),
-                   stop_requested=lambda: stop["flag"])
+                   stop_requested=lambda: stop["flag"], owns_run=True)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -263,6 +269,7 @@ class Window:
     samples: int = 0
     steps: int = 0
     loss_sum: torch.Tensor | float = 0.0
+    losses: list[torch.Tensor] = field(default_factory=list)  # each step's, on the device
 
     def elapsed(self) -> float:
         return max(time.perf_counter() - self.start, 1e-9)
@@ -272,6 +279,13 @@ class Window:
         seconds, taken after it, are the device's."""
         loss = float(self.loss_sum) / max(self.steps, 1)
         return loss, self.elapsed()
+
+    def first_non_finite(self) -> int | None:
+        """Position in the window of the first step whose loss is NaN or infinite."""
+        if not self.losses:
+            return None
+        bad = torch.nonzero(~torch.isfinite(torch.stack(self.losses))).flatten()
+        return int(bad[0]) if bad.numel() else None
 
 
 @dataclass
@@ -340,22 +354,42 @@ class Trainer:
                 "channels_out": self.info.layout.output_names, "init_from": self.init_from}
 
     def _resume(self) -> Path | None:
-        found = checkpoint.latest_valid(self.rt.resume_candidates())
-        if found is None:
-            if self.cfg.train.init_from:
-                self._warm_start(Path(self.cfg.train.init_from))
-            return None
-        folder, state, meta = found
-        check_compatible(meta, self.info, folder)
+        """Restore the newest checkpoint that loads and fits this model; older ones are
+        tried in turn (a corrupt or misfitting one is skipped with a warning)."""
+        candidates = self.rt.resume_candidates()
+        while True:
+            found = checkpoint.latest_valid(candidates)
+            if found is None:
+                if self.cfg.train.init_from:
+                    self._warm_start(Path(self.cfg.train.init_from))
+                return None
+            folder, state, meta = found
+            check_compatible(meta, self.info, folder)
+            try:
+                self._restore(state)
+                break
+            except (KeyError, TypeError, ValueError, RuntimeError) as err:
+                log.warning("skipping checkpoint %s: its state does not fit this model (%s)",
+                            folder, " ".join(str(err).split())[:160])
+                candidates = [c for c in candidates if c.resolve() != folder]
         self.init_from = meta.get("init_from")
-        self.stepper.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.progress = Progress(**state["progress"])
-        checkpoint.set_rng_state(state["rng"])
         if self.rt.rank == 0:
             log.info("resumed from %s (step %d)", folder, self.progress.step)
         return folder
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        """Load a checkpoint's state, all of it or none: it is tried on copies first, so
+        one that does not fit leaves the fresh model, optimiser and schedule as they are."""
+        model = copy.deepcopy(self.stepper)
+        model.load_state_dict(state["model"])
+        optimizer = type(self.optimizer)(model.parameters())  # the state sets the rest
+        optimizer.load_state_dict(state["optimizer"])
+        progress = Progress(**state["progress"])
+        self.stepper.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.progress = progress
+        checkpoint.set_rng_state(state["rng"])
 
     def _warm_start(self, folder: Path) -> None:
         """Initialise the model (only) from another run's checkpoint: step 0, a fresh
@@ -490,6 +524,9 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         """Train until max_steps, early stopping, or a stop request; return final metrics."""
+        if self.rt.rank == 0:  # once per attempt: a restart shows in the log
+            log.info("training from step %d to step %d", self.progress.step,
+                     self.cfg.train.max_steps)
         loader = self.loader()
         try:
             return self._run(loader)
@@ -519,6 +556,7 @@ class Trainer:
                 p.batch_in_epoch += 1
                 window.samples += t.batch_size * self.rt.world_size
                 window.loss_sum += loss.double()
+                window.losses.append(loss)
                 window.steps += 1
                 stop = self._should_stop()
                 if self.progress_file is not None:
@@ -553,6 +591,8 @@ class Trainer:
             "data_wait_fraction": window.wait / seconds,
             "memory_mb": memory_mb(self.rt.device),
         }
+        if not math.isfinite(metrics["train_loss"]):
+            self._diverged(window)
         improved = False
         if p.step % t.val_every == 0 or stopping:
             metrics.update(self.validate())
@@ -580,6 +620,18 @@ class Trainer:
                      100 * metrics["data_wait_fraction"], metrics["memory_mb"])
         return metrics
 
+    def _diverged(self, window: Window) -> None:
+        """Stop on a NaN or infinite loss (on any rank), naming the first such step,
+        before anything of this window is saved: no checkpoint holds its weights."""
+        first = self.progress.step - window.steps + 1
+        local = window.first_non_finite()
+        own = first + local if local is not None else self.progress.step
+        step = -int(self.rt.all_reduce([-float(own)], op="max")[0])  # the earliest rank's
+        raise TrainingError(
+            f"training stopped: the loss is not finite (NaN or infinite) at step {step}; "
+            f"nothing saved after step {first - 1}",
+            "lower train.lr or raise train.warmup_steps, and check the store with "
+            "`pipeline inspect --verify STORE`")
 
     def close(self, failed: bool = False) -> None:
         for sink in self.sinks:
@@ -587,13 +639,15 @@ class Trainer:
 
 
 def train_loop(cfg: Config, rt: Runtime, stop_at: int | None = None) -> dict[str, Any]:
-    """Train in this process (or this Ray worker) and return the last reported metrics."""
-    rt.run_dir.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(cfg, rt, stop_at)
-    failed = True
-    try:
-        metrics = trainer.run()
-        failed = False
-        return metrics
-    finally:
-        trainer.close(failed)
+    """Train in this process (or this Ray worker) and return the last reported metrics;
+    a local runtime holds the run's lock meanwhile (``rundir``)."""
+    with run_writer(cfg) if rt.owns_run else contextlib.nullcontext():
+        rt.run_dir.mkdir(parents=True, exist_ok=True)
+        trainer = Trainer(cfg, rt, stop_at)
+        failed = True
+        try:
+            metrics = trainer.run()
+            failed = False
+            return metrics
+        finally:
+            trainer.close(failed)

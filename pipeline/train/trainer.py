@@ -6,7 +6,8 @@ an existing run's checkpoint), then runs ``train_loop`` on the plan's Ray worker
 worker and is stored as ``<run>/plan.json`` beside ``config.yaml``. Checkpoints are reported
 to Ray, which stores them in ``<run>/checkpoints/step-N`` and keeps the newest
 ``train.keep_checkpoints``; ``FailureConfig`` restarts failed workers from the latest
-one. Running ``train`` again with the same config resumes the run. SIGTERM/SIGUSR1 to
+one. Running ``train`` again with the same config resumes the run; the driver holds the
+run's lock throughout and refuses a resume with another config (``rundir``). SIGTERM/SIGUSR1 to
 the driver ask the workers to checkpoint and stop; ``train`` then returns
 ``preempted=True`` and the CLI exits with :data:`PREEMPTED_EXIT_CODE`.
 """
@@ -14,6 +15,7 @@ the driver ask the workers to checkpoint and stop; ``train`` then returns
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -23,14 +25,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config, config_from_dict, dump_config
-from pipeline.errors import PipelineError
+from pipeline import files
+from pipeline.config import Config, config_from_dict
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.plan import ExecutionPlan, free_local_port, resolve_plan
+from pipeline.ray_security import secure_local_ray
 from pipeline.train.progress import progress_bar
+from pipeline.train.rundir import absolute_config, run_writer
 
 log = logging.getLogger(__name__)
 
 STOP_FILE = "STOP"
+USER_ERROR_FILE = ".user-error.json"  # a worker's PipelineError, for the driver (_worker)
 
 
 @dataclass
@@ -38,15 +44,6 @@ class TrainResult:
     run_dir: Path
     metrics: dict[str, Any]
     preempted: bool
-
-
-def absolute_config(cfg: Config) -> Config:
-    """Paths made absolute: Ray workers run in another working directory."""
-    data = cfg.data.model_copy(update={"store": os.path.abspath(cfg.data.store)})
-    init = cfg.train.init_from
-    train = cfg.train.model_copy(update={"init_from": os.path.abspath(init) if init else None})
-    return cfg.model_copy(update={"data": data, "train": train,
-                                  "runs_dir": os.path.abspath(cfg.runs_dir)})
 
 
 def preflight(cfg: Config, plan: ExecutionPlan) -> None:
@@ -69,6 +66,17 @@ def preflight(cfg: Config, plan: ExecutionPlan) -> None:
     elif t.init_from:  # a warm start: the channels must match, the statistics may differ
         _, meta = checkpoint.load_init(Path(t.init_from))
         check_compatible(meta, info, Path(t.init_from), statistics=False)
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Refuse a run directory below a file (``runs_dir`` naming a file, say) up front,
+    rather than as a traceback from the first write into it."""
+    for folder in (run_dir, *run_dir.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ConfigError(f"the run directory {run_dir} cannot be made: {folder} is a "
+                                  "file", "point runs_dir at a folder (or move the file away)")
+            return
 
 
 def quiet_report_lines() -> None:
@@ -131,17 +139,49 @@ def _worker(loop_config: dict[str, Any]) -> None:
                       prepare_model=ray.train.torch.prepare_model, save=save,
                       resume_candidates=candidates,
                       stop_requested=lambda: (run_dir / STOP_FILE).exists(), plan=plan)
-    train_loop(cfg, runtime, stop_at=loop_config.get("stop_at"))
+    if (run_dir / USER_ERROR_FILE).exists():
+        return  # an earlier attempt of this fit met a user error: retrying cannot fix it
+    try:
+        train_loop(cfg, runtime, stop_at=loop_config.get("stop_at"))
+    except PipelineError as err:
+        # Ray retries every worker failure: a user error ends the attempt normally instead,
+        # recorded for the driver. With several ranks, the others may wait for this one in
+        # a collective, so it still fails, and the retry that Ray starts ends at once.
+        files.atomic_write(run_dir / USER_ERROR_FILE, json.dumps(
+            {"type": type(err).__name__, "message": err.message, "hint": err.hint}))
+        if context.get_world_size() > 1:
+            raise
+
+
+def _recorded_user_error(run_dir: Path) -> PipelineError | None:
+    """The user error a worker recorded in this fit (then removed), if any."""
+    path = run_dir / USER_ERROR_FILE
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    path.unlink()
+    kinds, todo = {}, [PipelineError]
+    while todo:
+        kind = todo.pop()
+        kinds[kind.__name__] = kind
+        todo.extend(kind.__subclasses__())
+    return kinds.get(record["type"], PipelineError)(record["message"], record["hint"])
 
 
 def _user_error(err: BaseException) -> PipelineError | None:
-    """A PipelineError anywhere in an exception's chain (Ray wraps worker errors)."""
-    seen = 0
-    while err is not None and seen < 10:
-        if isinstance(err, PipelineError):
-            return err
-        err = err.__cause__ or err.__context__  # type: ignore[assignment]
-        seen += 1
+    """A PipelineError anywhere in an exception's chain, or among the worker failures Ray
+    wraps (``WorkerGroupError.worker_failures``, each holding the worker's exception)."""
+    todo: list[BaseException | None] = [err]
+    seen: set[int] = set()
+    while todo:
+        current = todo.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, PipelineError):
+            return current
+        todo += [current.__cause__, current.__context__, getattr(current, "_base_exc", None),
+                 *getattr(current, "worker_failures", {}).values()]
     return None
 
 
@@ -151,6 +191,13 @@ def train(cfg: Config, plan: ExecutionPlan | None = None, address: str | None = 
     where this process runs); see the module docstring."""
     plan = plan or resolve_plan(cfg, address=address)
     cfg = absolute_config(cfg)
+    check_run_dir(cfg.run_dir())
+    with run_writer(cfg):  # this driver is the run's one writer until training ends
+        return _train_locked(cfg, plan, address, stop_at)
+
+
+def _train_locked(cfg: Config, plan: ExecutionPlan, address: str | None,
+                  stop_at: int | None) -> TrainResult:
     run_dir = cfg.run_dir()
     stop_file = run_dir / STOP_FILE
     stop_file.unlink(missing_ok=True)  # a stop request of an earlier, preempted run
@@ -177,9 +224,7 @@ def _fit(cfg: Config, plan: ExecutionPlan, address: str | None, stop_at: int | N
          stop_file: Path, install_handlers: Callable[[], None]) -> TrainResult:
     preflight(cfg, plan)
     run_dir = cfg.run_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, run_dir / "config.yaml")
-    plan.write(run_dir / "plan.json")
+    plan.write(run_dir / "plan.json")  # beside config.yaml, which run_writer stored
 
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -192,6 +237,7 @@ def _fit(cfg: Config, plan: ExecutionPlan, address: str | None, stop_at: int | N
             # process of this instance its dashboard's address, on a port chosen here
             port = free_local_port()
             os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+            secure_local_ray(run_dir)  # a token of its own, and servers on loopback only
             ray.init(num_cpus=plan.ray_cpus_per_node, dashboard_port=port, log_to_driver=True)
         else:
             ray.init(address=address or plan.ray_address, log_to_driver=True)
@@ -209,14 +255,18 @@ def _fit(cfg: Config, plan: ExecutionPlan, address: str | None, stop_at: int | N
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints)),
     )
+    (run_dir / USER_ERROR_FILE).unlink(missing_ok=True)  # an earlier fit's
     try:
         with progress_bar(run_dir, t.max_steps):
             result = trainer.fit()
     except Exception as err:
-        user = _user_error(err)
+        user = _recorded_user_error(run_dir) or _user_error(err)
         if user is not None:
             raise user from None
         raise
+    user = _recorded_user_error(run_dir)
+    if user is not None:
+        raise user
     preempted = stop_file.exists()
     stop_file.unlink(missing_ok=True)
     return TrainResult(run_dir=run_dir, metrics=dict(result.metrics or {}), preempted=preempted)
