@@ -40,6 +40,7 @@ from typing import Any
 
 from pipeline.config import Config
 from pipeline.errors import PipelineError
+from pipeline.files import atomic_write
 from pipeline.plan import (
     Allocation,
     ExecutionPlan,
@@ -120,11 +121,7 @@ def rendezvous_file(run_dir: Path, alloc: Allocation, environ: dict[str, str]) -
 
 def share_rendezvous(path: Path, token: str, head: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump({"token": token, "head": head}, f)
-    tmp.rename(path)
+    atomic_write(path, json.dumps({"token": token, "head": head}), mode=0o600)
 
 
 def wait_for_rendezvous(path: Path, timeout: float = 120) -> tuple[str, str]:

@@ -35,6 +35,7 @@ from typing import Any, Literal
 
 from pipeline.config import Config
 from pipeline.errors import PipelineError
+from pipeline.files import atomic_write
 
 PORTS_PER_JOB = 500
 PORTS_PER_NODE = 125  # four nodes of one job may share a host (test clusters)
@@ -257,9 +258,7 @@ class ExecutionPlan:
 
     def write(self, path: Path) -> None:
         """Store the plan (``<run>/plan.json``), atomically."""
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
-        tmp.replace(path)
+        atomic_write(path, json.dumps(self.to_json(), indent=2) + "\n")
 
     def lines(self) -> list[str]:
         """The plan as the one block of lines logged at start and printed by ``pipeline

@@ -1,4 +1,4 @@
-"""The training store on disk: a Zarr v3 group (see DESIGN.md, "The training store").
+"""The training store on disk: a Zarr v3 group (see the README, "The training store").
 
 Layout::
 

@@ -9,7 +9,7 @@ masks a point is scored only where the truth holds data at the valid time and th
 input held data at the init (the forecast is NaN there: ``pipeline predict``), and
 where the climatology has a value; the same points for the model and both baselines,
 so that a fill value scores for no one. Writes
-``<run>/eval/metrics.json`` (see DESIGN.md, "The run directory"), plots and
+``<run>/eval/metrics.json`` (see the README, "Evaluation and forecasts"), plots and
 ``report.html``, as one folder that appears whole or not at all (``results``).
 """
 
@@ -154,7 +154,7 @@ def units(info: StoreInfo, channel: str) -> str:
 
 
 def records(scores: Scores, info: StoreInfo, lead: int) -> list[dict[str, Any]]:
-    """One record per (channel, lead), in physical units (DESIGN.md's fields first)."""
+    """One record per (channel, lead), in physical units (the README's documented fields first)."""
     s = scores.sums
     rmse = {k: v.rmse() for k, v in s.items()}
     acc = {k: v.mean_acc() for k, v in s.items()}

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import CheckpointError
+from pipeline.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +39,7 @@ def step_dir_name(step: int) -> str:
 def write_into(folder: Path, state: dict[str, Any], meta: dict[str, Any]) -> None:
     """Write state then meta (the completeness marker) into an existing folder."""
     torch.save(state, folder / STATE_FILE)
-    tmp = folder / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
-    os.replace(tmp, folder / META_FILE)
+    atomic_write(folder / META_FILE, json.dumps(meta, indent=1, sort_keys=True))
 
 
 def save(root: Path, step: int, state: dict[str, Any], meta: dict[str, Any]) -> Path:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, SupportsFloat
+
+from pipeline.files import atomic_write
 
 PROGRESS_FILE = "progress.json"
 
@@ -36,10 +37,9 @@ class ProgressWriter:
         if not force and now - self._last < self.interval:
             return
         self._last = now
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"step": step, "max_steps": self.max_steps, "loss": float(loss),
-                                   "samples_per_s": samples_per_s, "time": time.time()}))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, json.dumps({"step": step, "max_steps": self.max_steps,
+                                            "loss": float(loss), "samples_per_s": samples_per_s,
+                                            "time": time.time()}))
 
 
 def read(run_dir: Path) -> dict[str, Any] | None:
