@@ -54,6 +54,25 @@ class RegistryError(PipelineError, ValueError):
     a model cannot be registered or compared (no evaluation, other evaluation data)."""
 
 
+class RanksStopped(PipelineError):
+    """All ranks of a training stop together, at a point every rank reaches, for the user
+    error of one or more of them: ``own`` is this rank's error, None on a rank that only
+    stops with the others. A Ray Train worker returns from it instead of failing, so
+    Ray does not restart the workers for an error that a restart cannot mend."""
+
+    def __init__(self, own: PipelineError | None, failed: list[int],
+                 what: str = "met an error") -> None:
+        self.own, self.failed, self.what = own, failed, what
+        if own is not None:
+            super().__init__(own.message, own.hint)
+        else:
+            ranks = ", ".join(map(str, failed))
+            super().__init__(f"stopped with rank {ranks}, which {what}", "see that rank's error")
+
+    def __reduce__(self) -> tuple[type, tuple[PipelineError | None, list[int], str]]:  # type: ignore[override]
+        return (type(self), (self.own, self.failed, self.what))
+
+
 class TrainingError(PipelineError, ArithmeticError):
     """Training cannot go on: the loss is not finite (a learning rate too high, bad data)."""
 

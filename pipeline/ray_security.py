@@ -10,8 +10,9 @@ raylet, worker and agent ports, and refuses worker nodes. A multi-node Slurm job
 listen on each node's address, which the other nodes reach; there the token is the
 guard. The local run keeps its token in ``<run>/.ray_token`` (mode 0600) and points Ray
 at it with ``RAY_AUTH_TOKEN_PATH``, so Ray never writes or reads its own
-``~/.ray/auth_token`` (created world-readable by ``ray.init``). Imports no ray at
-module level.
+``~/.ray/auth_token`` (created world-readable by ``ray.init``). The DDP rendezvous
+of the training workers is ``pipeline.train.rendezvous``'s. Imports no ray at module
+level.
 """
 
 from __future__ import annotations

@@ -140,13 +140,30 @@ def train_config(store: Path, runs: Path, raw: Path | None = None, **train: Any)
 
 
 @pytest.fixture(scope="session")
-def ray_session() -> Iterator[None]:
-    """One local Ray instance for the in-process training tests."""
+def ray_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """One local Ray instance for the in-process training tests, started as ``pipeline
+    train`` starts its own (token, loopback only, its own dashboard port). The
+    environment variables that sets stay while Ray runs and are restored after it."""
     import ray
 
-    ray.init(num_cpus=2, log_to_driver=False)
-    yield
-    ray.shutdown()
+    from pipeline.train.trainer import start_local_ray
+
+    before = dict(os.environ)
+    start_local_ray(tmp_path_factory.mktemp("ray_session"), num_cpus=2, log_to_driver=False)
+    changed = {key: value for key, value in os.environ.items() if before.get(key) != value}
+    removed = [key for key in before if key not in os.environ]
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        for key, value in changed.items():
+            if os.environ.get(key) == value:  # not changed again since
+                if key in before:
+                    os.environ[key] = before[key]
+                else:
+                    os.environ.pop(key, None)
+        for key in removed:
+            os.environ.setdefault(key, before[key])
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ import zarr
 
 from pipeline.config import config_from_dict
 from pipeline.data.resident import ResidentSplit
-from pipeline.errors import CheckpointError, ConfigError
+from pipeline.errors import CheckpointError, ConfigError, RanksStopped, StoreError
 from pipeline.train import checkpoint
 from pipeline.train.loop import (
     PREEMPTED_EXIT_CODE,
@@ -292,6 +292,62 @@ def test_runtime_collectives_between_two_ranks(tmp_path: Path) -> None:
     for r in range(2):
         answers = json.loads((tmp_path / f"rank-{r}.json").read_text())
         assert answers == {"sum": [3.0, 10.0], "max": [1.0], "both": True, "one": False}
+
+
+def _rank_stops(rank: int, out: str) -> None:
+    """One of two gloo ranks: user errors met on the way to a stop_together."""
+    rt = Runtime(run_dir=Path(out).parent, rank=rank, world_size=2)
+    answers: dict[str, object] = {}
+    for failing in ((1,), (0, 1)):
+        own = StoreError(f"shard of rank {rank} damaged", "rebuild") if rank in failing else None
+        try:
+            rt.stop_together(own, [1.0])
+            answers[str(failing)] = "went on"
+        except RanksStopped as err:
+            answers[str(failing)] = [err.own is own, err.failed, str(err)]
+    answers["none"] = rt.stop_together(None, [1.0, float(rank)])
+    Path(f"{out}-{rank}.json").write_text(json.dumps(answers))
+
+
+def test_a_user_error_on_one_rank_stops_every_rank_at_the_next_collective(tmp_path: Path) -> None:
+    """Runtime.stop_together, two real ranks: the rank with the error raises it, the other
+    raises RanksStopped naming that rank, none waits; without errors, a sum."""
+    run_in_two_gloo_ranks(_rank_stops, tmp_path / "rendezvous", str(tmp_path / "rank"))
+    zero, one = (json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(2))
+    assert zero["(1,)"] == [True, [1], "stopped with rank 1, which met an error "
+                                       "(see that rank's error)"]
+    assert one["(1,)"] == [True, [1], "shard of rank 1 damaged (rebuild)"]
+    assert zero["(0, 1)"] == [True, [0, 1], "shard of rank 0 damaged (rebuild)"]
+    assert zero["none"] == one["none"] == [2.0, 1.0]
+
+
+def _validate_rank(rank: int, store: str, runs: str, out: str) -> None:
+    """One of two gloo ranks: validation of a store whose first val shard is damaged."""
+    cfg = config(Path(store), Path(runs))
+    trainer = Trainer(cfg, Runtime(run_dir=cfg.run_dir(), rank=rank, world_size=2))
+    try:
+        trainer.validate()
+        Path(f"{out}-{rank}.txt").write_text("validated")
+    except RanksStopped as err:
+        Path(f"{out}-{rank}.txt").write_text(f"{err.failed} {err.own is not None}: {err}")
+
+
+def test_a_damaged_val_shard_read_by_one_rank_stops_both(tiny_store: Path, tmp_path: Path) -> None:
+    """The first val samples are rank 0's: it names the damaged shard, rank 1 stops with
+    it at the validation sums instead of waiting there for ever."""
+    store = tmp_path / "store.zarr"
+    shutil.copytree(tiny_store, store)
+    from pipeline.data.loader import ForecastDataset, StoreInfo
+
+    val = ForecastDataset(StoreInfo(store), "val", 1, 1)
+    shard_index = int(val.times[0]) // val.steps_per_shard
+    shard = store / "data" / "c" / str(shard_index) / "0" / "0" / "0"
+    shard.write_bytes(shard.read_bytes()[:-4] + bytes(4))  # the CRC32C ends the index
+    run_in_two_gloo_ranks(_validate_rank, tmp_path / "rendezvous", str(store),
+                          str(tmp_path / "runs"), str(tmp_path / "rank"))
+    zero, one = ((tmp_path / f"rank-{r}.txt").read_text() for r in range(2))
+    assert zero.startswith("[0] True: shard ") and f"data/c/{shard_index}/0/0/0" in zero, zero
+    assert one.startswith("[0] False: stopped with rank 0, which met an error"), one
 
 
 @pytest.mark.parametrize(("n", "world_size"), [(10, 1), (10, 3), (2, 4), (0, 2)])

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.utils.data import Sampler
 
 from pipeline.data.loader import ForecastDataset
-from pipeline.errors import ConfigError, StoreError
+from pipeline.errors import ConfigError, PipelineError, RanksStopped
 
 # ``train.resident: auto`` keeps a split on a GPU when it takes at most this share of the
 # GPU's free memory: the rest is for the model, its activations and the optimiser
@@ -82,11 +82,12 @@ class ResidentSplit:
         try:
             self.steps = torch.empty(_steps_shape(dataset), dtype=torch.float32, device=device)
         except RuntimeError:  # torch.cuda.OutOfMemoryError, or the CPU allocator's error
-            if world_size > 1:
-                self._any_rank_failed(True)  # the others must not wait for this rank
-            raise ConfigError(f"the {dataset.split} split ({resident_bytes(dataset) / 2**30:.1f} GiB) "
-                              f"does not fit in the memory of {device}",
-                              "set train.resident: false to stream it") from None
+            error = ConfigError(f"the {dataset.split} split ({resident_bytes(dataset) / 2**30:.1f} "
+                                f"GiB) does not fit in the memory of {device}",
+                                "set train.resident: false to stream it")
+            if world_size > 1:  # the others must not wait for this rank
+                raise RanksStopped(error, self._failed_ranks(True, rank, world_size)) from None
+            raise error from None
         started = time.perf_counter()
         self.shards_read = 0  # by this rank
         self._load(max(1, readers), rank, world_size)
@@ -128,21 +129,25 @@ class ResidentSplit:
             return
         try:
             self._read(spans[rank::world_size], readers)
-        except Exception:
-            self._any_rank_failed(True)  # the others must not wait for this rank's shards
+        except Exception as err:
+            failed = self._failed_ranks(True, rank, world_size)  # the others must not wait
+            if isinstance(err, PipelineError):
+                raise RanksStopped(err, failed) from err
             raise
-        if self._any_rank_failed(False):
-            raise StoreError(f"another rank could not hold or read its shards of the "
-                             f"{self.dataset.split} split", "see that rank's error")
+        failed = self._failed_ranks(False, rank, world_size)
+        if failed:
+            raise RanksStopped(None, failed, f"could not hold or read its shards of the "
+                                             f"{self.dataset.split} split")
         for k, span in enumerate(spans):
             dist.broadcast(self._rows(span), src=k % world_size)
 
-    def _any_rank_failed(self, failed: bool) -> bool:
-        """Whether any rank failed to allocate the split or read its shards: a
-        collective that every rank calls once, before the broadcasts."""
-        flag = torch.tensor([float(failed)], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    def _failed_ranks(self, failed: bool, rank: int, world_size: int) -> list[int]:
+        """The ranks that failed to allocate the split or read its shards: a collective
+        that every rank calls once, before the broadcasts."""
+        flags = torch.zeros(world_size, device=self.device)
+        flags[rank] = float(failed)
+        dist.all_reduce(flags)
+        return [k for k, flag in enumerate(flags.tolist()) if flag]
 
     def _read(self, bounds: list[tuple[int, int]], readers: int) -> None:
         """Read the spans ``bounds`` into place, ``readers`` reads at once."""

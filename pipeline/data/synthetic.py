@@ -21,7 +21,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,9 +29,13 @@ import cftime
 import numpy as np
 import xarray as xr
 
+from pipeline.errors import PipelineError
+from pipeline.files import atomic_write
+
 log = logging.getLogger(__name__)
 
 SIZES = ("tiny", "small", "large")
+MARKER = ".demo-spec.json"  # the spec and file names that ensure_demo_data wrote
 TIME_UNITS = "hours since 1970-01-01 00:00:00"
 ERA5_LEVELS = (1000.0, 925.0, 850.0, 700.0, 600.0, 500.0, 400.0, 300.0, 250.0, 200.0,
                150.0, 100.0, 50.0)
@@ -544,9 +548,11 @@ def _write_atomic(ds: xr.Dataset, path: Path, compress: bool) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_demo_data(out_dir: Path, spec_or_size: DemoSpec | str) -> list[Path]:
+def write_demo_data(out_dir: Path, spec_or_size: DemoSpec | str,
+                    keep: Collection[str] = ()) -> list[Path]:
     """Write demo_YYYY-MM.nc (one per month) and static.nc into out_dir; return the paths
-    (months sorted, static last). Each file appears complete or not at all."""
+    (months sorted, static last). Each file appears complete or not at all. Files named
+    in ``keep`` are left as they are (the simulation still runs through their months)."""
     spec = demo_spec(spec_or_size) if isinstance(spec_or_size, str) else spec_or_size
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -555,12 +561,29 @@ def write_demo_data(out_dir: Path, spec_or_size: DemoSpec | str) -> list[Path]:
     for ds in simulate(spec):
         first = ds.indexes["time"][0]
         path = out_dir / f"demo_{first.year:04d}-{first.month:02d}.nc"
-        _write_atomic(ds, path, compress)
-        log.info("wrote %s (%d steps)", path, ds.sizes["time"])
+        if path.name not in keep:
+            _write_atomic(ds, path, compress)
+            log.info("wrote %s (%d steps)", path, ds.sizes["time"])
         paths.append(path)
     static = out_dir / "static.nc"
-    _write_atomic(static_fields(spec), static, compress)
+    if static.name not in keep:
+        _write_atomic(static_fields(spec), static, compress)
     return [*paths, static]
+
+
+def _recorded(out_dir: Path) -> dict | None:
+    """What ``.demo-spec.json`` in ``out_dir`` records (spec, files), None if unreadable."""
+    try:
+        recorded = json.loads((out_dir / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return recorded if isinstance(recorded, dict) else None
+
+
+def _spec_differences(recorded: dict, spec: DemoSpec) -> list[str]:
+    have, want = recorded.get("spec") or {}, json.loads(json.dumps(asdict(spec)))
+    return [f"{key} {have.get(key)} (expected {value})" for key, value in want.items()
+            if have.get(key) != value]
 
 
 def demo_differences(out_dir: Path, spec: DemoSpec) -> list[str] | None:
@@ -570,36 +593,37 @@ def demo_differences(out_dir: Path, spec: DemoSpec) -> list[str] | None:
     present = sorted(p.name for p in out_dir.glob("*") if not p.name.startswith("."))
     if not present:
         return None
-    marker = out_dir / ".demo-spec.json"
-    try:
-        recorded = json.loads(marker.read_text())
-    except (OSError, ValueError):
-        return [f"{len(present)} files not written by `pipeline demo-data` (no readable {marker.name})"]
-    have, want = recorded.get("spec") or {}, json.loads(json.dumps(asdict(spec)))
-    found = [f"{key} {have.get(key)} (expected {value})" for key, value in want.items()
-             if have.get(key) != value]
+    recorded = _recorded(out_dir)
+    if recorded is None:
+        return [f"{len(present)} files not written by `pipeline demo-data` (no readable {MARKER})"]
     missing = [name for name in recorded.get("files", []) if name not in present]
-    return found + ([f"files missing: {', '.join(missing)}"] if missing else [])
+    return (_spec_differences(recorded, spec)
+            + ([f"files missing: {', '.join(missing)}"] if missing else []))
 
 
 def ensure_demo_data(out_dir: Path, spec: DemoSpec) -> tuple[list[Path], bool]:
-    """Write the demo data unless ``out_dir`` already holds exactly this spec's files.
+    """Write the demo data into ``out_dir`` without overwriting any file there.
 
-    Rewriting would change the files' modification times, which a store built from
-    them records: a second ``make demo`` must find its store still valid. Returns the
-    paths and whether they were written now.
+    Files already there may be the user's, and a store built from them records their
+    modification times: an empty folder is written, exactly this spec's files are kept
+    (a second ``make demo`` finds its store still valid), this spec's files with some
+    deleted get just those back, and files of another spec (or of no known spec) are a
+    :class:`PipelineError` that says how they differ. Returns the paths and whether any
+    file was written now.
     """
     out_dir = Path(out_dir)
-    marker = out_dir / ".demo-spec.json"
-    wanted = json.dumps(asdict(spec), sort_keys=True)
-    if marker.exists():
-        recorded = json.loads(marker.read_text())
-        paths = [out_dir / name for name in recorded.get("files", [])]
-        if json.dumps(recorded.get("spec"), sort_keys=True) == wanted and paths and all(
-                p.exists() for p in paths):
-            return paths, False
-    marker.unlink(missing_ok=True)
+    differences = demo_differences(out_dir, spec)
+    recorded = _recorded(out_dir) if differences is not None else None
+    if differences == [] and recorded is not None:
+        return [out_dir / name for name in recorded["files"]], False
+    if differences and (recorded is None or _spec_differences(recorded, spec)):
+        raise PipelineError(
+            f"{out_dir} already holds demo files that differ from the ones asked for: "
+            f"{'; '.join(differences)}; they are not overwritten",
+            f"write into another directory, or delete the files in {out_dir} first")
+    if differences:  # this spec's marker, some of its files deleted: only those come back
+        return write_demo_data(out_dir, spec, keep={p.name for p in out_dir.glob("*")}), True
     paths = write_demo_data(out_dir, spec)
-    marker.write_text(json.dumps({"spec": asdict(spec), "files": [p.name for p in paths]},
-                                 sort_keys=True))
+    atomic_write(out_dir / MARKER, json.dumps(
+        {"spec": asdict(spec), "files": [p.name for p in paths]}, sort_keys=True))
     return paths, True

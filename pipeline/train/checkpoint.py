@@ -17,12 +17,12 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 
-from pipeline.errors import CheckpointError
+from pipeline.errors import CheckpointError, disk_full
 from pipeline.files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -36,10 +36,51 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
+class _StateFile:
+    """The file ``torch.save`` writes into, keeping the ``OSError`` of a failed write:
+    PyTorch's writer reports one only as a ``RuntimeError`` without an errno."""
+
+    def __init__(self, handle: BinaryIO, path: Path) -> None:
+        self.handle, self.path = handle, path
+        self.failed: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as err:
+            self.failed = OSError(err.errno, err.strerror, str(self.path))
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def _save_state(state: dict[str, Any], path: Path) -> None:
+    """``torch.save`` to ``path``, fsynced; a failed write raises its own ``OSError``
+    (errno ENOSPC for a full disk), not PyTorch's errno-less ``RuntimeError``."""
+    with open(path, "wb") as handle:
+        target = _StateFile(handle, path)
+        try:
+            torch.save(state, target)
+        except RuntimeError as err:
+            if target.failed is None:
+                raise
+            raise target.failed from err
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 def write_into(folder: Path, state: dict[str, Any], meta: dict[str, Any]) -> None:
-    """Write state then meta (the completeness marker) into an existing folder."""
-    torch.save(state, folder / STATE_FILE)
-    atomic_write(folder / META_FILE, json.dumps(meta, indent=1, sort_keys=True))
+    """Write state then meta (the completeness marker) into an existing folder; a full
+    disk is a user error (:func:`pipeline.errors.disk_full`), not a traceback."""
+    try:
+        _save_state(state, folder / STATE_FILE)
+        atomic_write(folder / META_FILE, json.dumps(meta, indent=1, sort_keys=True))
+    except OSError as err:
+        full = disk_full(err)
+        if full is None:
+            raise
+        raise full from err
 
 
 def save(root: Path, step: int, state: dict[str, Any], meta: dict[str, Any]) -> Path:
@@ -49,7 +90,11 @@ def save(root: Path, step: int, state: dict[str, Any], meta: dict[str, Any]) -> 
     tmp = root / f".{step_dir_name(step)}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    write_into(tmp, state, meta)
+    try:
+        write_into(tmp, state, meta)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # frees the space a full disk needs back
+        raise
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

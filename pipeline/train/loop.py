@@ -21,7 +21,7 @@ import math
 import resource
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from pipeline.config import Config, config_hash, resolved_dict
 from pipeline.data.batches import BatchLoader
 from pipeline.data.loader import BlockShuffleSampler, ForecastDataset, StoreInfo
 from pipeline.data.resident import ResidentLoader, ResidentSplit, fits_on, resident_bytes
-from pipeline.errors import CheckpointError, TrainingError
+from pipeline.errors import CheckpointError, PipelineError, RanksStopped, TrainingError
 from pipeline.plan import ExecutionPlan, local_plan
 from pipeline.train import checkpoint
 from pipeline.train.models import area_weighted_mse, build_model, channel_mse
@@ -155,6 +155,28 @@ class Runtime:
     def on_every_rank(self, flag: bool) -> bool:
         """Whether ``flag`` holds on every rank (a collective: every rank calls it)."""
         return self.all_reduce([float(not flag)], op="max")[0] == 0.0
+
+    def failed_ranks(self, failed: bool, values: list[float] | None = None) -> tuple[list[int], list[float]]:
+        """A collective: the ranks that say ``failed``, and the sums of ``values`` (which
+        ride along in the same reduction)."""
+        flags = [0.0] * self.world_size
+        flags[self.rank] = float(failed)
+        reduced = self.all_reduce(flags + list(values or []))
+        return [k for k, f in enumerate(reduced[:self.world_size]) if f], reduced[self.world_size:]
+
+    def stop_together(self, error: PipelineError | None,
+                      values: list[float] | None = None) -> list[float]:
+        """A collective at a point every rank reaches: raise :class:`RanksStopped` on
+        every rank if any rank met the user error ``error`` on its way there, else return
+        the sums of ``values``. In one process, ``error`` itself is raised."""
+        if not self.in_group:
+            if error is not None:
+                raise error
+            return list(values or [])
+        failed, sums = self.failed_ranks(error is not None, values)
+        if failed:
+            raise RanksStopped(error, failed)
+        return sums
 
 
 def local_runtime(cfg: Config, plan: ExecutionPlan | None = None) -> Runtime:
@@ -456,11 +478,16 @@ class Trainer:
         sums = np.zeros(3 + 2 * n_out)
         lo, hi = rank_share(len(self.val_set), self.rt.rank, self.rt.world_size)
         size = self.cfg.train.val_batch_size or self.cfg.train.batch_size
+        error: PipelineError | None = None
         for start in range(lo, hi, size):
             indices = list(range(start, min(hi, start + size)))
-            b = Batch.to(self.val_set.read_batch(indices) if self.val_split is None else
-                         self.val_split.batch(torch.tensor(indices, device=self.rt.device)),
-                         self.rt.device)
+            try:
+                sample = self.val_set.read_batch(indices) if self.val_split is None else \
+                    self.val_split.batch(torch.tensor(indices, device=self.rt.device))
+            except PipelineError as err:  # a damaged shard: the other ranks stop with this one
+                error = err
+                break
+            b = Batch.to(sample, self.rt.device)
             with torch.autocast(self.rt.device.type, dtype=torch.bfloat16,
                                 enabled=use_bf16(self.plan, self.rt.device)):
                 pred = self.stepper.step(b.inputs, b.target_forcings[:, 0]).float()
@@ -474,7 +501,7 @@ class Trainer:
             err, scored = channel_mse(pred, target, self.lat_w, valid)
             sums[3:3 + n_out] += err.double().cpu().numpy()
             sums[3 + n_out:] += scored.double().cpu().numpy()
-        sums = np.asarray(self.rt.all_reduce(sums.tolist()))
+        sums = np.asarray(self.rt.stop_together(error, sums.tolist()))
         n = max(sums[2], 1.0)
         scored = sums[3 + n_out:]
         mse = np.where(scored > 0, sums[3:3 + n_out] / np.maximum(scored, 1.0), np.nan)
@@ -549,7 +576,7 @@ class Trainer:
             asked = time.perf_counter()
             # asking for the next batch hands the previous one's buffer back to the
             # batch loader: nothing may hold on to a batch past its step
-            for sample in loader:
+            for sample in self._batches(loader):
                 window.wait += time.perf_counter() - asked  # waiting for data
                 loss = self.train_step(Batch.to(sample, self.rt.device))
                 p.step += 1
@@ -573,6 +600,22 @@ class Trainer:
                 p.epoch += 1
                 p.batch_in_epoch = 0
         return last
+
+    def _batches(self, loader: DataLoader | BatchLoader | ResidentLoader) -> Iterator[Any]:
+        """The loader's batches of this epoch; a user error reading one (a damaged shard)
+        stops every rank before the step's collectives, where the others would wait for
+        this rank (:meth:`Runtime.stop_together`, once per batch with several ranks)."""
+        batches = iter(loader)
+        while True:
+            error: PipelineError | None = None
+            try:
+                sample = next(batches)
+            except StopIteration:  # every rank has as many batches per epoch
+                return
+            except PipelineError as err:
+                error = err
+            self.rt.stop_together(error)
+            yield sample
 
     def _should_stop(self) -> bool:
         p = self.progress
@@ -627,11 +670,14 @@ class Trainer:
         local = window.first_non_finite()
         own = first + local if local is not None else self.progress.step
         step = -int(self.rt.all_reduce([-float(own)], op="max")[0])  # the earliest rank's
-        raise TrainingError(
+        error = TrainingError(
             f"training stopped: the loss is not finite (NaN or infinite) at step {step}; "
             f"nothing saved after step {first - 1}",
             "lower train.lr or raise train.warmup_steps, and check the store with "
             "`pipeline inspect --verify STORE`")
+        if self.rt.in_group:  # every rank is here, with the same reduced loss
+            raise RanksStopped(error, list(range(self.rt.world_size)))
+        raise error
 
     def close(self, failed: bool = False) -> None:
         for sink in self.sinks:

@@ -1,8 +1,10 @@
-"""Ray Train around the plain loop: the only module that imports ``ray.train``.
+"""Ray Train around the plain loop: with ``rendezvous``, the only module that imports
+``ray.train``.
 
 ``train(cfg, plan)`` validates everything it can in the driver (store, splits, model,
 an existing run's checkpoint), then runs ``train_loop`` on the plan's Ray workers with
-``TorchTrainer`` (DDP over gloo on CPU, NCCL on GPUs); the plan travels to every
+``TorchTrainer`` (DDP over gloo on CPU, NCCL on GPUs; the workers of one node meet
+through a private file, ``rendezvous``); the plan travels to every
 worker and is stored as ``<run>/plan.json`` beside ``config.yaml``. Checkpoints are reported
 to Ray, which stores them in ``<run>/checkpoints/step-N`` and keeps the newest
 ``train.keep_checkpoints``; ``FailureConfig`` restarts failed workers from the latest
@@ -27,7 +29,7 @@ from typing import Any
 
 from pipeline import files
 from pipeline.config import Config, config_from_dict
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError, PipelineError, RanksStopped, disk_full
 from pipeline.plan import ExecutionPlan, free_local_port, resolve_plan
 from pipeline.ray_security import secure_local_ray
 from pipeline.train.progress import progress_bar
@@ -125,8 +127,14 @@ def _worker(loop_config: dict[str, Any]) -> None:
             return None
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint.write_into(Path(tmp), state, meta)
-            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=name)
+            try:  # Ray copies the checkpoint into the run directory
+                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                                 checkpoint_dir_name=name)
+            except OSError as err:
+                full = disk_full(err)
+                if full is None:
+                    raise
+                raise full from err
         return root / name
 
     def candidates() -> list[Path]:
@@ -143,14 +151,30 @@ def _worker(loop_config: dict[str, Any]) -> None:
         return  # an earlier attempt of this fit met a user error: retrying cannot fix it
     try:
         train_loop(cfg, runtime, stop_at=loop_config.get("stop_at"))
+    except RanksStopped as err:
+        # every rank stops here together (a damaged shard, a diverged loss): each ends
+        # its attempt normally, the ranks that met the error recording it for the driver
+        if err.own is not None:
+            _record_user_error(run_dir, err.own)
     except PipelineError as err:
         # Ray retries every worker failure: a user error ends the attempt normally instead,
-        # recorded for the driver. With several ranks, the others may wait for this one in
-        # a collective, so it still fails, and the retry that Ray starts ends at once.
-        files.atomic_write(run_dir / USER_ERROR_FILE, json.dumps(
-            {"type": type(err).__name__, "message": err.message, "hint": err.hint}))
+        # recorded for the driver. With several ranks, an error met where the others do
+        # not wait for it in a collective (RanksStopped) still fails this worker, as the
+        # others may wait for it; the retry that Ray starts ends at once.
+        _record_user_error(run_dir, err)
         if context.get_world_size() > 1:
             raise
+
+
+def _record_user_error(run_dir: Path, err: PipelineError) -> None:
+    """Leave a worker's user error for the driver (:func:`_recorded_user_error`); with no
+    room to (a full disk), the error itself fails the worker, and the driver finds it
+    among Ray's worker failures (:func:`_user_error`)."""
+    try:
+        files.atomic_write(run_dir / USER_ERROR_FILE, json.dumps(
+            {"type": type(err).__name__, "message": err.message, "hint": err.hint}))
+    except OSError:
+        raise err from None
 
 
 def _recorded_user_error(run_dir: Path) -> PipelineError | None:
@@ -220,6 +244,21 @@ def _train_locked(cfg: Config, plan: ExecutionPlan, address: str | None,
             signal.signal(sig, handler)
 
 
+def start_local_ray(run_dir: Path, num_cpus: int, log_to_driver: bool = True) -> None:
+    """Start this process's own one-node Ray as ``pipeline train`` does (the tests'
+    ``ray_session`` too): a token of its own in ``run_dir`` and servers on loopback only
+    (:func:`pipeline.ray_security.secure_local_ray`). Ray's helpers (Ray Train's
+    placement-group cleaner) find the State API by themselves and fail when another Ray
+    runs on this machine: every process of this instance is told its dashboard's
+    address, on a port chosen here."""
+    import ray
+
+    port = free_local_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    secure_local_ray(run_dir)
+    ray.init(num_cpus=num_cpus, dashboard_port=port, log_to_driver=log_to_driver)
+
+
 def _fit(cfg: Config, plan: ExecutionPlan, address: str | None, stop_at: int | None,
          stop_file: Path, install_handlers: Callable[[], None]) -> TrainResult:
     preflight(cfg, plan)
@@ -230,15 +269,11 @@ def _fit(cfg: Config, plan: ExecutionPlan, address: str | None, stop_at: int | N
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from pipeline.train.rendezvous import OneNodeTorchConfig
+
     if not ray.is_initialized():  # a Slurm job's launcher has connected already
         if plan.ray_start == "init":
-            # Ray's helpers (Ray Train's placement-group cleaner) find the State API by
-            # themselves and fail when another Ray runs on this machine: tell every
-            # process of this instance its dashboard's address, on a port chosen here
-            port = free_local_port()
-            os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-            secure_local_ray(run_dir)  # a token of its own, and servers on loopback only
-            ray.init(num_cpus=plan.ray_cpus_per_node, dashboard_port=port, log_to_driver=True)
+            start_local_ray(run_dir, plan.ray_cpus_per_node)
         else:
             ray.init(address=address or plan.ray_address, log_to_driver=True)
         install_handlers()  # again: ray.init installs its own SIGTERM handler in the driver
@@ -248,6 +283,7 @@ def _fit(cfg: Config, plan: ExecutionPlan, address: str | None, stop_at: int | N
         _worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "plan": plan.to_json(),
                            "stop_at": stop_at},
+        torch_config=OneNodeTorchConfig(backend="nccl" if plan.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=plan.workers, use_gpu=plan.use_gpu,
                                      resources_per_worker={"CPU": plan.cpus_per_worker}),
         run_config=RunConfig(

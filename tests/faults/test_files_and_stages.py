@@ -102,6 +102,46 @@ def test_run_uses_the_users_own_demo_files_and_never_rewrites_them(
     assert Path(tmp_path, printed(result.stdout, "report: ")).is_file()
 
 
+def files_of(folder: Path) -> dict[str, tuple[int, bytes]]:
+    """Every file in ``folder`` (the hidden spec marker too): modification time, bytes."""
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.iterdir()}
+
+
+def test_demo_data_never_overwrites_files_of_another_spec(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    made = run_cli("demo-data", str(raw), "--size", "tiny", "--months", "2", timeout=TIMEOUT)
+    assert made.returncode == 0 and made.stdout.startswith("wrote 3 files"), made.stderr
+    before = files_of(raw)
+
+    other = run_cli("demo-data", str(raw), "--size", "small", "--months", "2", timeout=TIMEOUT)
+    assert other.returncode == 2, other.stderr
+    lines = other.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), other.stderr
+    assert "n_lat 17 (expected 33)" in lines[0] and "not overwritten" in lines[0], lines
+    assert "another directory" in lines[0] and "delete" in lines[0], lines
+    assert files_of(raw) == before
+
+    again = run_cli("demo-data", str(raw), "--size", "tiny", "--months", "2", timeout=TIMEOUT)
+    assert again.returncode == 0 and "kept (already there)" in again.stdout, again.stderr
+    assert files_of(raw) == before
+
+    (raw / "static.nc").unlink()  # one of this spec's files deleted: only it comes back
+    refill = run_cli("demo-data", str(raw), "--size", "tiny", "--months", "2", timeout=TIMEOUT)
+    assert refill.returncode == 0 and refill.stdout.startswith("wrote 3 files"), refill.stderr
+    after = files_of(raw)
+    assert sorted(after) == sorted(before)
+    assert {k: v for k, v in after.items() if k != "static.nc"} == {
+        k: v for k, v in before.items() if k != "static.nc"}
+
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "mine.nc").write_bytes(b"the user's file")
+    theirs = run_cli("demo-data", str(own), "--size", "tiny", "--months", "2", timeout=TIMEOUT)
+    assert theirs.returncode == 2 and "not written by `pipeline demo-data`" in theirs.stderr
+    assert [p.name for p in own.iterdir()] == ["mine.nc"]
+    assert (own / "mine.nc").read_bytes() == b"the user's file"
+
+
 # --------------------------------------------------------------------------- item 8
 
 WRITER = """

@@ -1,12 +1,11 @@
 """The Ray instances of the pipeline are reachable only from this machine when they are
 one node, and only with the run's token.
 
-A real ``pipeline train`` runs (one Ray Train worker, far more steps than the test
+A real ``pipeline train`` runs (two Ray Train workers, far more steps than the test
 waits for) with an inherited ``RAY_AUTH_MODE=disabled`` and a temporary HOME; while it
-trains, every socket of Ray in its process tree must listen on loopback (the one other
-listener is torch's c10d store of Ray Train's rank 0, which torch binds to all
-interfaces whatever the node address), nothing may answer on the GCS port at the node's
-network address, a client without
+trains, every socket in its process tree (Ray's, and the workers' DDP: their rendezvous
+is a private file, their gloo pairs on loopback) must listen on loopback, nothing may
+answer on the GCS port at the node's network address, a client without
 the token must not get in, a client with the run's token must (so that the refusal is
 the token's doing), the token file must be 0600 and Ray's ``~/.ray/auth_token`` must
 not exist. The ``ray start --head`` of a one-node Slurm job, as the launcher builds it,
@@ -106,7 +105,7 @@ def kill_tree(pid: int) -> None:
 def test_local_training_ray_listens_on_loopback_and_needs_the_runs_token(
         tiny_store: Path, tmp_path: Path) -> None:
     cfg = train_config(tiny_store, tmp_path / "runs", max_steps=100_000, val_every=5,
-                       checkpoint_every=5, batch_size=4)
+                       checkpoint_every=5, batch_size=4, workers=2)
     config = write_config(tmp_path / "train.yaml", cfg)
     run = tmp_path / "runs" / cfg["name"]
     home = tmp_path / "home"
@@ -124,11 +123,16 @@ def test_local_training_ray_listens_on_loopback_and_needs_the_runs_token(
 
         sockets = listening(driver.pid)
         port = gcs_port(sockets)
-        # all of Ray's on loopback; torch's c10d store of Ray Train's rank 0 (the DDP
-        # rendezvous, created by Ray Train) binds all interfaces whatever the node address
         exposed = sorted(s for s in sockets if not on_loopback(s[0]))
-        assert [name for _, _, name in exposed] in ([], ["ray::RayTrainWorker"]), (
-            f"listening beyond loopback: {exposed}")
+        assert not exposed, f"listening beyond loopback: {exposed}"
+        workers = [p for p in process_tree(driver.pid) if p.name() == "ray::RayTrainWorker"]
+        assert len(workers) == 2, f"not two training workers: {workers}"
+        pairs = {c.raddr for w in workers for c in w.net_connections(kind="inet")
+                 if c.status == psutil.CONN_ESTABLISHED and c.raddr
+                 and c.raddr.port in {c2.laddr.port for w2 in workers
+                                      for c2 in w2.net_connections(kind="inet")}}
+        assert pairs, "the two workers hold no connection to each other (no gloo pair?)"
+        assert all(on_loopback(address.ip) for address in pairs), pairs
         for address in network_addresses():  # the node's network address: nothing there
             with pytest.raises(OSError):
                 socket.create_connection((address, port), timeout=5).close()

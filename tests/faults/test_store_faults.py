@@ -7,8 +7,11 @@ commands; training through Ray where the fault only shows inside a worker.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +22,7 @@ import zarr
 from pipeline.config import Codec, load_config
 from pipeline.data import store as store_module
 from pipeline.data.loader import ForecastDataset, StoreInfo
-from pipeline.errors import StoreError, TrainingError
+from pipeline.errors import PipelineError, StoreError, TrainingError
 from pipeline.train import checkpoint
 from pipeline.train.loop import local_runtime, train_loop
 from tests.conftest import base_config, run_cli, train_config, write_config
@@ -90,11 +93,12 @@ def test_a_damaged_store_is_named_by_train_evaluate_and_verify(
     assert "1 damaged" in verify.stdout and SHARD_KEY in verify.stdout, verify.stdout
     assert "1 damaged shard" in verify.stderr.strip().splitlines()[-1]
 
-    # training: a lost shard fails in the driver; damaged bytes in the Ray worker that
-    # reads them, once (a fault that cannot go away is not retried). The flipped bit
-    # trains in this process (one Ray start fewer: the same reader raises it)
+    # training: a lost shard fails in the driver; damaged bytes in the one of two Ray
+    # workers that reads them, once: a fault that cannot go away is not retried, and the
+    # other worker stops with it. The flipped bit trains in this process (one Ray start
+    # fewer: the same reader raises it)
     cfg = train_config(store, tmp_path / "runs", tiny_raw, max_steps=30, val_every=30,
-                       checkpoint_every=30, max_failures=2)
+                       checkpoint_every=30, max_failures=2, workers=2, batch_size=4)
     config = write_config(tmp_path / "t.yaml", cfg)
     if kind == "flipped":
         loaded = load_config(config)
@@ -108,7 +112,7 @@ def test_a_damaged_store_is_named_by_train_evaluate_and_verify(
         log = result.stdout + result.stderr
         if kind == "truncated":
             assert log.count("training from step 0") == 1, log[-4000:]
-            assert "RETRY" not in log
+            assert "RETRY" not in log and "Traceback" not in log, log[-4000:]
 
     # evaluation of a good run on the damaged store
     eval_cfg = train_config(store, trained, tiny_raw)
@@ -233,3 +237,70 @@ def test_a_full_disk_is_one_line_and_a_rerun_resumes(tiny_raw: Path, tmp_path: P
                        timeout=120).returncode == 0
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True, timeout=30)
+
+
+@contextlib.contextmanager
+def full_disk(disk: Path, room: int) -> Iterator[Path]:
+    """A 1 MiB tmpfs at ``disk`` (the mechanism of the test above), filled but for
+    ``room`` bytes; skips where mounting is not allowed."""
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(disk)],
+                             capture_output=True, text=True, timeout=30)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    try:
+        filler = disk / "filler"
+        with open(filler, "wb", buffering=0) as f, contextlib.suppress(OSError):
+            while True:  # until ENOSPC
+                f.write(bytes(65536))
+        os.truncate(filler, max(0, filler.stat().st_size - room))
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True, timeout=30)
+
+
+def test_a_checkpoint_onto_a_full_disk_is_a_user_error_and_leaves_no_partial_one(
+        tmp_path: Path) -> None:
+    with full_disk(tmp_path / "disk", room=64 * 1024) as disk:
+        root = disk / "checkpoints"
+        first = checkpoint.save(root, 1, {"w": torch.zeros(4)}, {"step": 1})
+        with pytest.raises(PipelineError, match="no space left on the device writing") as err:
+            checkpoint.save(root, 2, {"w": torch.zeros(1 << 18)}, {"step": 2})  # 1 MiB
+        assert "state.pt" in str(err.value) and "resumes" in str(err.value)
+        assert sorted(p.name for p in root.iterdir()) == [first.name]  # no temporary left
+        found = checkpoint.latest_valid(checkpoint.list_steps(root))
+        assert found is not None and found[0] == first.resolve() and found[2] == {"step": 1}
+
+
+def test_a_full_disk_under_a_ray_workers_checkpoint_is_one_line(
+        tiny_store: Path, tiny_raw: Path, tmp_path: Path) -> None:
+    # A Ray worker writes each checkpoint into a temporary folder under TMPDIR, which
+    # Ray then copies into the run. 8 KiB free: enough for tempfile's probe file (it
+    # skips a TMPDIR it cannot write), not for state.pt. Ray's own files stay elsewhere.
+    config = write_config(tmp_path / "c.yaml", train_config(
+        tiny_store, tmp_path / "runs", tiny_raw, max_steps=10, val_every=5, checkpoint_every=5))
+    with full_disk(tmp_path / "disk", room=8192) as disk:
+        result = run_cli("train", str(config), timeout=240, env={
+            "TMPDIR": str(disk), "RAY_TMPDIR": os.environ.get("RAY_TMPDIR", "/tmp")})
+        line = assert_user_error(result, "no space left on the device writing", "resumes")
+        assert str(disk) in line and "state.pt" in line
+    assert checkpoint.list_steps(tmp_path / "runs" / "test" / "checkpoints") == []
+
+
+def test_a_full_disk_under_the_run_directory_is_one_line(tiny_store: Path, tiny_raw: Path,
+                                                         tmp_path: Path) -> None:
+    """Room for the run's own small files, not for the checkpoint that Ray copies into
+    it from the worker, nor for the worker's record of the error: exit 2 with one
+    full-disk line (Ray's forwarded worker logs may come around it), and no checkpoint
+    that looks complete."""
+    with full_disk(tmp_path / "disk", room=48 * 1024) as disk:
+        config = write_config(tmp_path / "c.yaml", train_config(
+            tiny_store, disk / "runs", tiny_raw, max_steps=10, val_every=5,
+            checkpoint_every=5, max_failures=0))
+        result = run_cli("train", str(config), timeout=240)
+        assert result.returncode == 2, (result.returncode, result.stderr[-4000:])
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and "no space left on the device" in errors[0], errors
+        assert "resumes" in errors[0]
+        assert checkpoint.latest_valid(checkpoint.list_steps(disk / "runs" / "test" /
+                                                             "checkpoints")) is None
