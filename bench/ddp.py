@@ -55,7 +55,8 @@ def _ddp_worker(rank: int, world: int, config_json: str, port: int) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     from pipeline.train import checkpoint
-    from pipeline.train.loop import Runtime, train_loop
+    from pipeline.train.loop import train_loop
+    from pipeline.train.runtime import Runtime
 
     cfg = Config.model_validate_json(config_json)
     # what a Ray Train worker gets. Its threads: Ray sets OMP_NUM_THREADS to its CPUs

@@ -45,14 +45,9 @@ from zarr.core.buffer import default_buffer_prototype
 from bench.common import ensure_store, machine, write_result
 from pipeline.config import load_config
 from pipeline.data.batches import BatchLoader, Readers
-from pipeline.data.loader import (
-    RUN_LENGTH,
-    BlockShuffleSampler,
-    ForecastDataset,
-    StoreInfo,
-    consecutive_runs,
-)
+from pipeline.data.dataset import RUN_LENGTH, BlockShuffleSampler, ForecastDataset, consecutive_runs
 from pipeline.data.resident import ResidentLoader, ResidentSplit
+from pipeline.data.store import StoreInfo
 
 
 def rate(fn, indices: list[int], min_seconds: float = 2.0) -> float:

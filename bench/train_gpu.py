@@ -29,7 +29,8 @@ import torch
 
 from bench.common import ensure_store, machine, write_result
 from pipeline.config import load_config
-from pipeline.train.loop import local_runtime, train_loop
+from pipeline.train.loop import train_loop
+from pipeline.train.runtime import local_runtime
 
 
 def run_one(config: Path, args: argparse.Namespace, loader: str, loader_workers: int,

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline import __version__
-from pipeline.errors import PipelineError, disk_full
+from pipeline.errors import PREEMPTED_EXIT_CODE, PipelineError, disk_full
 
 log = logging.getLogger("pipeline")
 
@@ -66,7 +66,6 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from pipeline.launch import launch_train
-    from pipeline.train.loop import PREEMPTED_EXIT_CODE
 
     cfg = load_config(args.config, args.overrides)
     result = launch_train(cfg, address=args.address)
@@ -151,7 +150,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
-    from pipeline.train.loop import PREEMPTED_EXIT_CODE
     from pipeline.workflows import run
 
     outcome = run(load_config(args.config, args.overrides))
@@ -161,7 +159,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_retrain(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
-    from pipeline.train.loop import PREEMPTED_EXIT_CODE
     from pipeline.workflows import retrain
 
     outcome = retrain(load_config(args.config, args.overrides))

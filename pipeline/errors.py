@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import errno
 
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "preempted, requeue me"; the Slurm template requeues on it
+
 
 class PipelineError(Exception):
     """A problem with the user's input that they can fix; ``hint`` says how."""

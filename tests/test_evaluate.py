@@ -26,14 +26,17 @@ import zarr
 from pipeline.cli import main
 from pipeline.config import Config, config_from_dict, dump_config, load_config
 from pipeline.data.build import preprocess
+from pipeline.data.dataset import ForecastDataset
 from pipeline.data.forcings import forcing_field
-from pipeline.data.loader import ForecastDataset, StoreInfo
+from pipeline.data.store import StoreInfo
 from pipeline.errors import ConfigError
 from pipeline.evaluate import climatology, metrics, rollout
 from pipeline.evaluate.evaluate import evaluate, pick_inits
 from pipeline.evaluate.forecast import init_index, target_forcings
 from pipeline.train import checkpoint
-from pipeline.train.loop import build_stepper, local_runtime, train_loop
+from pipeline.train.loop import train_loop
+from pipeline.train.runtime import local_runtime
+from pipeline.train.stepper import build_stepper
 from tests.conftest import IN_CI, base_config, run_cli, train_config, write_config
 from tests.test_real_data import storm_store  # noqa: F401 - the real-data store fixture
 

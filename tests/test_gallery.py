@@ -21,7 +21,8 @@ from pipeline.data.build import preprocess
 from pipeline.errors import SourceError
 from pipeline.evaluate.evaluate import evaluate
 from pipeline.evaluate.forecast import predict
-from pipeline.train.loop import local_runtime, train_loop
+from pipeline.train.loop import train_loop
+from pipeline.train.runtime import local_runtime
 from tests.conftest import run_cli
 from tests.gallery import grib, products
 from tests.gallery.products import truth

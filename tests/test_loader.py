@@ -17,17 +17,18 @@ from torch.utils.data import DataLoader
 
 from pipeline.config import config_from_dict
 from pipeline.data.batches import THREAD_PREFIX, BatchLoader
-from pipeline.data.loader import (
+from pipeline.data.dataset import (
     BlockShuffleSampler,
     ForecastDataset,
-    StoreInfo,
     consecutive_runs,
     sample_times,
 )
 from pipeline.data.resident import ResidentLoader, ResidentSplit, fits_on, resident_bytes
+from pipeline.data.store import StoreInfo
 from pipeline.errors import ConfigError, PipelineError, StoreError
 from pipeline.train import checkpoint
-from pipeline.train.loop import local_runtime, train_loop
+from pipeline.train.loop import train_loop
+from pipeline.train.runtime import local_runtime
 from tests.conftest import run_in_two_gloo_ranks, train_config
 
 pytestmark = pytest.mark.integration

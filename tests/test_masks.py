@@ -23,11 +23,14 @@ from pipeline.cli import main
 from pipeline.config import Config, config_from_dict, dump_config, load_config
 from pipeline.data.batches import BatchLoader
 from pipeline.data.build import preprocess
-from pipeline.data.loader import BlockShuffleSampler, ForecastDataset, StoreInfo
+from pipeline.data.dataset import BlockShuffleSampler, ForecastDataset
 from pipeline.data.resident import ResidentLoader, ResidentSplit
+from pipeline.data.store import StoreInfo
 from pipeline.evaluate import climatology, rollout
 from pipeline.evaluate.evaluate import evaluate, pick_inits
-from pipeline.train.loop import Batch, Trainer, local_runtime, target_validity, train_loop
+from pipeline.train.loop import Batch, Trainer, train_loop
+from pipeline.train.runtime import local_runtime
+from pipeline.train.stepper import target_validity
 from tests.conftest import base_config, train_config, write_config
 
 pytestmark = pytest.mark.integration

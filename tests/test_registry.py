@@ -14,7 +14,8 @@ from pipeline.config import config_from_dict, dump_config
 from pipeline.errors import RegistryError
 from pipeline.evaluate.evaluate import evaluate
 from pipeline.registry import ModelRegistry, compare, summary
-from pipeline.train.loop import local_runtime, train_loop
+from pipeline.train.loop import train_loop
+from pipeline.train.runtime import local_runtime
 from tests.conftest import run_cli, train_config
 
 CHANNELS = ("t2m", "msl")

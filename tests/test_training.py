@@ -22,17 +22,17 @@ import zarr
 
 from pipeline.config import config_from_dict
 from pipeline.data.resident import ResidentSplit
-from pipeline.errors import CheckpointError, ConfigError, RanksStopped, StoreError
-from pipeline.train import checkpoint
-from pipeline.train.loop import (
+from pipeline.errors import (
     PREEMPTED_EXIT_CODE,
-    Runtime,
-    Trainer,
-    local_runtime,
-    rank_share,
-    train_loop,
+    CheckpointError,
+    ConfigError,
+    RanksStopped,
+    StoreError,
 )
+from pipeline.train import checkpoint
+from pipeline.train.loop import Trainer, train_loop
 from pipeline.train.models import area_weighted_mse
+from pipeline.train.runtime import Runtime, local_runtime, rank_share
 from tests.conftest import run_cli, run_in_two_gloo_ranks, train_config, write_config
 
 pytestmark = pytest.mark.integration
@@ -337,7 +337,8 @@ def test_a_damaged_val_shard_read_by_one_rank_stops_both(tiny_store: Path, tmp_p
     it at the validation sums instead of waiting there for ever."""
     store = tmp_path / "store.zarr"
     shutil.copytree(tiny_store, store)
-    from pipeline.data.loader import ForecastDataset, StoreInfo
+    from pipeline.data.dataset import ForecastDataset
+    from pipeline.data.store import StoreInfo
 
     val = ForecastDataset(StoreInfo(store), "val", 1, 1)
     shard_index = int(val.times[0]) // val.steps_per_shard

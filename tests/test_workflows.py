@@ -18,7 +18,8 @@ from pipeline.config import config_from_dict, load_config
 from pipeline.errors import CheckpointError
 from pipeline.registry import ModelRegistry
 from pipeline.train import checkpoint
-from pipeline.train.loop import Trainer, local_runtime, train_loop
+from pipeline.train.loop import Trainer, train_loop
+from pipeline.train.runtime import local_runtime
 from pipeline.workflows import demo_months, retrain
 from tests.conftest import train_config, write_config
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from pipeline.data.loader import RUN_LENGTH, ForecastDataset, consecutive_runs
+from pipeline.data.dataset import RUN_LENGTH, ForecastDataset, consecutive_runs
 from pipeline.errors import ConfigError
 
 THREAD_PREFIX = "pipeline-loader"  # names of the reader threads

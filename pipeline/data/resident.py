@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-from pipeline.data.loader import ForecastDataset
+from pipeline.data.dataset import ForecastDataset
 from pipeline.errors import ConfigError, PipelineError, RanksStopped
 
 # ``train.resident: auto`` keeps a split on a GPU when it takes at most this share of the

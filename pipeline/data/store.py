@@ -12,7 +12,8 @@ Layout::
 
 Build progress lives in ``_build`` arrays rather than in the group attributes so that
 concurrent parts (Slurm array tasks) never rewrite the same file; the group attributes
-hold provenance and a summary written by init and finalise only.
+hold provenance and a summary written by init and finalise only. :class:`StoreInfo`
+reads what training and evaluation need to know of a complete store (no torch).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import warnings
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,9 @@ import xarray as xr
 import zarr
 import zarr.codecs
 
+from pipeline.data.layout import MISSING_ABOVE, Layout
 from pipeline.data.shards import REBUILD, ShardFiles
+from pipeline.data.sources import within
 from pipeline.errors import StoreError
 
 # 2: each chunk of ``data`` ends with a CRC32C (format 1 stores, without, stay readable)
@@ -317,3 +321,79 @@ def summary(path: str | Path) -> str:
                  f"{attrs.get('config_hash')}; created {attrs.get('created')}, updated "
                  f"{attrs.get('updated')}; code {attrs.get('code_version')}")
     return "\n".join(lines)
+
+
+class StoreInfo:
+    """What training needs to know about a complete store, read once (small arrays)."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = os.path.abspath(path)
+        group = open_complete(self.path)
+        self.attrs = group.attrs.asdict()
+        channels = channel_names(group)
+        derived = self.attrs.get("config", {}).get("data", {}).get("derived", [])
+        self.layout = Layout.from_roles(channels, [str(r) for r in group["channel_role"][:]],
+                                        {d["name"]: list(d["inputs"]) for d in derived})
+        self.n_time = int(group["data"].shape[0])
+        self.lat = np.asarray(group["lat"][:], dtype=np.float64)
+        self.lon = np.asarray(group["lon"][:], dtype=np.float64)
+        self.area_weight = np.asarray(group["area_weight"][:], dtype=np.float64)
+        self.stats = statistics(group)
+        self.static = np.asarray(group["static"][:], dtype=np.float32)
+        self.static_mean = np.asarray(group["static_mean"][:], dtype=np.float64)
+        self.static_std = np.asarray(group["static_std"][:], dtype=np.float64)
+
+    @property
+    def dataset_version(self) -> int:
+        return int(self.attrs["dataset_version"])
+
+    @property
+    def periodic_lon(self) -> bool:
+        """True for global grids: the longitudes cover the whole circle evenly."""
+        if self.lon.size < 2:
+            return False
+        step = np.diff(self.lon)
+        return bool(np.allclose(step, step[0]) and abs(step[0] * self.lon.size - 360.0) < 1e-6)
+
+    @cached_property
+    def times(self) -> Any:
+        return xr.open_zarr(self.path, consolidated=True)["time"].to_index()
+
+    def split_range(self, split: str) -> tuple[int, int]:
+        """Inclusive index range of a split (train, val or test) on the time axis."""
+        start, end = self.attrs["splits"][split]
+        mask = within(self.times, start, end)
+        if not mask.any():
+            raise StoreError(f"split '{split}' [{start}, {end}] has no time steps in {self.path}",
+                             "check data.splits, or append the data it needs")
+        idx = np.flatnonzero(mask)
+        return int(idx[0]), int(idx[-1])
+
+    def normalisation(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel (mean, std) as float32; constant channels get std 1."""
+        std = np.where(self.stats["std"] > 1e-12, self.stats["std"], 1.0)
+        return self.stats["mean"].astype(np.float32), std.astype(np.float32)
+
+    def missing_above(self) -> np.ndarray:
+        """Per mask channel (``layout.masks``), the normalised value above which a target
+        is missing: :data:`MISSING_ABOVE` in model units. A mask of 0 normalises to
+        ``-mean / std`` within rounding, far below it."""
+        mean, std = self.normalisation()
+        masks = list(self.layout.masks)
+        return ((MISSING_ABOVE - mean[masks].astype(np.float64)) / std[masks]).astype(np.float32)
+
+    def tendency_scale(self) -> np.ndarray:
+        """diff_std / std of the predicted channels: the size of a normalised one-step change."""
+        _, std = self.normalisation()
+        diff = np.where(self.stats["diff_std"] > 1e-12, self.stats["diff_std"], std)
+        return (diff / std)[list(self.layout.outputs)].astype(np.float32)
+
+    def normalised_static(self) -> np.ndarray:
+        std = np.where(self.static_std > 1e-12, self.static_std, 1.0)
+        return ((self.static - self.static_mean[:, None, None]) / std[:, None, None]).astype(np.float32)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a checkpoint records of the store it was trained on."""
+        return {"path": self.path, "data_hash": self.attrs["data_hash"],
+                "dataset_version": self.dataset_version, "channels": list(self.layout.channels),
+                "mean": self.stats["mean"].tolist(), "std": self.stats["std"].tolist()}

@@ -28,8 +28,8 @@ import numpy as np
 
 from pipeline import __version__, files
 from pipeline.config import Config, config_hash, load_config
-from pipeline.data.loader import ForecastDataset, StoreInfo
-from pipeline.data.store import DataReader, now
+from pipeline.data.dataset import ForecastDataset
+from pipeline.data.store import DataReader, StoreInfo, now
 from pipeline.data.timeaxis import time_label
 from pipeline.errors import ConfigError
 from pipeline.evaluate import climatology, results, rollout

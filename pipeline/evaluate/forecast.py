@@ -34,8 +34,8 @@ from pipeline import __version__, files
 from pipeline.config import Config, apply_overrides, config_from_dict, load_config
 from pipeline.data import store
 from pipeline.data.forcings import forcing_field
-from pipeline.data.loader import StoreInfo
 from pipeline.data.sources import within
+from pipeline.data.store import StoreInfo
 from pipeline.data.timeaxis import time_label
 from pipeline.data.transforms import mask_name
 from pipeline.errors import ConfigError, PipelineError

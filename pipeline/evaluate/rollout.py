@@ -17,10 +17,11 @@ import numpy as np
 import torch
 
 from pipeline.config import Config, config_from_dict
-from pipeline.data.loader import StoreInfo
+from pipeline.data.store import StoreInfo
 from pipeline.errors import CheckpointError
 from pipeline.train import checkpoint
-from pipeline.train.loop import Stepper, build_stepper, check_compatible
+from pipeline.train.checkpoint import check_compatible
+from pipeline.train.stepper import Stepper, build_stepper
 
 log = logging.getLogger(__name__)
 

@@ -17,13 +17,16 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 import torch
 
 from pipeline.errors import CheckpointError, disk_full
 from pipeline.files import atomic_write
+
+if TYPE_CHECKING:
+    from pipeline.data.store import StoreInfo
 
 log = logging.getLogger(__name__)
 
@@ -204,3 +207,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((np_state["name"], np_state["keys"].numpy().astype(np.uint32),
                          np_state["pos"], np_state["has_gauss"], np_state["cached"]))
     torch.set_rng_state(state["torch"])
+
+
+def check_compatible(meta: dict[str, Any], info: StoreInfo, where: Path,
+                     statistics: bool = True) -> None:
+    """Refuse a checkpoint trained on another store or (``statistics``) other statistics."""
+    store_meta = meta.get("store", {})
+    if store_meta.get("channels") != list(info.layout.channels):
+        raise CheckpointError(f"checkpoint {where} was trained on channels "
+                              f"{store_meta.get('channels')}, the store has "
+                              f"{list(info.layout.channels)}", "use a new run name")
+    if statistics and not (np.allclose(store_meta.get("mean", []), info.stats["mean"], rtol=1e-12)
+            and np.allclose(store_meta.get("std", []), info.stats["std"], rtol=1e-12)):
+        raise CheckpointError(f"the store's statistics differ from those of checkpoint {where}",
+                              "the store was rebuilt or recomputed; use a new run name")

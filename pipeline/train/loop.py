@@ -7,8 +7,8 @@ epoch, position in the epoch, RNG states). A target that the store marks missing
 mask at the target time, or for a derived channel a mask of an input) carries no
 weight in the loss or the validation scores; mask channels are inputs only (the model
 does not predict them, and a rollout carries the last input step's masks forward).
-Where it runs is the ``Runtime``'s business: :func:`local_runtime` here, a Ray Train
-worker in ``trainer.py``.
+Where it runs is the ``Runtime``'s business (``runtime.py``: this process, or a Ray
+Train worker in ``trainer.py``); the model step is ``stepper.py``'s.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ import copy
 import json
 import logging
 import math
-import resource
-import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -28,183 +26,24 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from torch import nn
 from torch.utils.data import DataLoader
 
 from pipeline.config import Config, config_hash, resolved_dict
 from pipeline.data.batches import BatchLoader
-from pipeline.data.loader import BlockShuffleSampler, ForecastDataset, StoreInfo
+from pipeline.data.dataset import BlockShuffleSampler, ForecastDataset
 from pipeline.data.resident import ResidentLoader, ResidentSplit, fits_on, resident_bytes
+from pipeline.data.store import StoreInfo
 from pipeline.errors import CheckpointError, PipelineError, RanksStopped, TrainingError
-from pipeline.plan import ExecutionPlan, local_plan
+from pipeline.plan import local_plan
 from pipeline.train import checkpoint
-from pipeline.train.models import area_weighted_mse, build_model, channel_mse
+from pipeline.train.models import area_weighted_mse, channel_mse
 from pipeline.train.progress import ProgressWriter
 from pipeline.train.rundir import run_writer
+from pipeline.train.runtime import Runtime, memory_mb, rank_share, use_bf16
 from pipeline.train.sinks import open_sinks
+from pipeline.train.stepper import build_stepper, target_validity
 
 log = logging.getLogger(__name__)
-
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the Slurm template requeues the job on it
-
-
-# --------------------------------------------------------------------------- the model step
-
-
-class Stepper(nn.Module):
-    """One forecast step around a network: (history, forcings at the target time,
-    static fields) -> next normalised state of the predicted channels.
-
-    With ``predict_tendency`` the network predicts the change in units of the typical
-    one-step change (``tendency_scale``), which is added to the last input state.
-    """
-
-    def __init__(self, net: nn.Module, outputs: list[int], forcings: list[int],
-                 static: torch.Tensor, tendency_scale: torch.Tensor, predict_tendency: bool):
-        super().__init__()
-        self.net = net
-        self.register_buffer("outputs", torch.tensor(outputs, dtype=torch.long), persistent=False)
-        self.register_buffer("forcings", torch.tensor(forcings, dtype=torch.long), persistent=False)
-        self.register_buffer("static", static, persistent=False)
-        self.register_buffer("scale", tendency_scale[:, None, None], persistent=False)
-        self.predict_tendency = predict_tendency
-
-    def step(self, history: torch.Tensor, target_forcing: torch.Tensor) -> torch.Tensor:
-        """One step: (B, H, C, Y, X) history and (B, C_forcing, Y, X) -> (B, C_out, Y, X)."""
-        b = history.shape[0]
-        x = torch.cat([history.flatten(1, 2), target_forcing,
-                       self.static.expand(b, -1, -1, -1)], dim=1)
-        y = self.net(x)
-        if not self.predict_tendency:
-            return y
-        return history[:, -1, self.outputs] + y * self.scale
-
-    def forward(self, history: torch.Tensor, target_forcings: torch.Tensor) -> torch.Tensor:
-        """Autoregressive rollout (the forward pass, so that DDP sees it):
-        (B, R, C_forcing, Y, X) forcings -> (B, R, C_out, Y, X) predictions."""
-        preds = []
-        for k in range(target_forcings.shape[1]):
-            pred = self.step(history, target_forcings[:, k])
-            preds.append(pred)
-            if k + 1 < target_forcings.shape[1]:
-                nxt = history[:, -1].clone()  # masks persist; outputs and forcings update
-                nxt[:, self.outputs] = pred.to(nxt.dtype)
-                nxt[:, self.forcings] = target_forcings[:, k]
-                history = torch.cat([history[:, 1:], nxt[:, None]], dim=1)
-        return torch.stack(preds, dim=1)
-
-
-def build_stepper(cfg: Config, info: StoreInfo) -> Stepper:
-    """The network sized for the store's channels and grid, wrapped in a Stepper."""
-    layout = info.layout
-    n_channels, n_static = len(layout.channels), info.static.shape[0]
-    in_channels = cfg.train.history * n_channels + len(layout.forcings) + n_static
-    net = build_model(cfg.model, in_channels, len(layout.outputs), (info.lat.size, info.lon.size),
-                      info.periodic_lon)
-    return Stepper(net, list(layout.outputs), list(layout.forcings),
-                   torch.from_numpy(info.normalised_static()),
-                   torch.from_numpy(info.tendency_scale()), cfg.model.predict_tendency)
-
-
-# --------------------------------------------------------------------------- runtime
-
-
-@dataclass
-class Runtime:
-    """How the loop talks to where it runs (one process, or one Ray Train worker), and
-    the execution plan it follows (readers, loader, precision, resident splits)."""
-
-    run_dir: Path
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    prepare_model: Callable[[nn.Module], nn.Module] = lambda m: m
-    # save(step, state, meta, metrics): every rank calls it at the same steps; state is
-    # None except on rank 0. Returns the saved folder on rank 0.
-    save: Callable[[int, dict[str, Any] | None, dict[str, Any], dict[str, Any]], Path | None] = None  # type: ignore[assignment]
-    resume_candidates: Callable[[], list[Path]] = lambda: []
-    stop_requested: Callable[[], bool] = lambda: False
-    plan: ExecutionPlan | None = None  # None: the config's own settings (local_plan)
-    # whether train_loop takes the run's lock (rundir.run_writer): a Ray Train worker
-    # does not, its driver holds it
-    owns_run: bool = False
-
-    # a gloo group for the host values (all_reduce), whatever the default group's backend
-    _host_group: Any = field(default=None, init=False, repr=False)
-
-    @property
-    def in_group(self) -> bool:
-        """Whether this process is one rank of several in a torch.distributed group."""
-        return self.world_size > 1 and dist.is_initialized()
-
-    def all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
-        """Sum (or max) floats over ranks; identity in one process. The values live on
-        the host, so they go through gloo: with NCCL they would be copied to the GPU and
-        back, and the copy back waits for every kernel queued before it (the stop flag
-        is reduced after every step)."""
-        if not self.in_group:
-            return values
-        if self._host_group is None:  # every rank gets here first, at the same call
-            self._host_group = dist.new_group(backend="gloo")
-        tensor = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM,
-                        group=self._host_group)
-        return tensor.tolist()
-
-    def on_every_rank(self, flag: bool) -> bool:
-        """Whether ``flag`` holds on every rank (a collective: every rank calls it)."""
-        return self.all_reduce([float(not flag)], op="max")[0] == 0.0
-
-    def failed_ranks(self, failed: bool, values: list[float] | None = None) -> tuple[list[int], list[float]]:
-        """A collective: the ranks that say ``failed``, and the sums of ``values`` (which
-        ride along in the same reduction)."""
-        flags = [0.0] * self.world_size
-        flags[self.rank] = float(failed)
-        reduced = self.all_reduce(flags + list(values or []))
-        return [k for k, f in enumerate(reduced[:self.world_size]) if f], reduced[self.world_size:]
-
-    def stop_together(self, error: PipelineError | None,
-                      values: list[float] | None = None) -> list[float]:
-        """A collective at a point every rank reaches: raise :class:`RanksStopped` on
-        every rank if any rank met the user error ``error`` on its way there, else return
-        the sums of ``values``. In one process, ``error`` itself is raised."""
-        if not self.in_group:
-            if error is not None:
-                raise error
-            return list(values or [])
-        failed, sums = self.failed_ranks(error is not None, values)
-        if failed:
-            raise RanksStopped(error, failed)
-        return sums
-
-
-def local_runtime(cfg: Config, plan: ExecutionPlan | None = None) -> Runtime:
-    """Run in this process: checkpoints go straight to ``<run>/checkpoints/``; SIGTERM or
-    SIGUSR1 asks for a checkpoint and a clean stop. ``plan``: by default the config's own
-    settings (:func:`pipeline.plan.local_plan`)."""
-    plan = plan or local_plan(cfg)
-    run_dir = cfg.run_dir().resolve()
-    root = run_dir / "checkpoints"
-    stop = {"flag": False}
-
-    def handler(signum: int, _frame: Any) -> None:
-        log.warning("signal %d: checkpointing and stopping", signum)
-        stop["flag"] = True
-
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, handler)
-
-    def save(step: int, state: dict | None, meta: dict, _metrics: dict) -> Path | None:
-        folder = checkpoint.save(root, step, state or {}, meta)
-        checkpoint.prune(root, cfg.train.keep_checkpoints)
-        return folder
-
-    device = torch.device("cuda" if plan.use_gpu and torch.cuda.is_available() else "cpu")
-    return Runtime(run_dir=run_dir, plan=plan, device=device, save=save,
-                   resume_candidates=lambda: checkpoint.list_steps(root),
-                   stop_requested=lambda: stop["flag"], owns_run=True)
-
 
 # --------------------------------------------------------------------------- helpers
 
@@ -222,33 +61,6 @@ def lr_lambda(cfg: Config) -> Callable[[int], float]:
     return factor
 
 
-def rank_share(n: int, rank: int, world_size: int) -> tuple[int, int]:
-    """The contiguous range ``[lo, hi)`` of ``n`` items that ``rank`` takes: the ranks'
-    shares tile ``0 .. n`` and differ in size by at most one."""
-    return rank * n // world_size, (rank + 1) * n // world_size
-
-
-def use_bf16(plan: ExecutionPlan, device: torch.device) -> bool:
-    """bf16 autocast where the plan says so and the step runs on a GPU."""
-    return plan.precision == "bf16" and device.type == "cuda"
-
-
-def target_validity(target_masks: torch.Tensor, missing_above: torch.Tensor,
-                    incidence: torch.Tensor) -> torch.Tensor:
-    """Where targets hold data: normalised mask channels ``(..., mask, lat, lon)`` at the
-    target times -> bool ``(..., output, lat, lon)``, False where a mask of the output
-    exceeds its threshold (``missing_above``: ``StoreInfo.missing_above``, shape
-    ``(mask, 1, 1)``; ``incidence``: ``Layout.mask_incidence``), in one contraction."""
-    missing = (target_masks > missing_above).to(incidence.dtype)
-    return torch.einsum("...myx,cm->...cyx", missing, incidence) == 0
-
-
-def memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 @dataclass
 class Progress:
     """Where training is: restored from and saved into checkpoints."""
@@ -261,20 +73,6 @@ class Progress:
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
-
-
-def check_compatible(meta: dict[str, Any], info: StoreInfo, where: Path,
-                     statistics: bool = True) -> None:
-    """Refuse a checkpoint trained on another store or (``statistics``) other statistics."""
-    store_meta = meta.get("store", {})
-    if store_meta.get("channels") != list(info.layout.channels):
-        raise CheckpointError(f"checkpoint {where} was trained on channels "
-                              f"{store_meta.get('channels')}, the store has "
-                              f"{list(info.layout.channels)}", "use a new run name")
-    if statistics and not (np.allclose(store_meta.get("mean", []), info.stats["mean"], rtol=1e-12)
-            and np.allclose(store_meta.get("std", []), info.stats["std"], rtol=1e-12)):
-        raise CheckpointError(f"the store's statistics differ from those of checkpoint {where}",
-                              "the store was rebuilt or recomputed; use a new run name")
 
 
 # --------------------------------------------------------------------------- the loop
@@ -386,7 +184,7 @@ class Trainer:
                     self._warm_start(Path(self.cfg.train.init_from))
                 return None
             folder, state, meta = found
-            check_compatible(meta, self.info, folder)
+            checkpoint.check_compatible(meta, self.info, folder)
             try:
                 self._restore(state)
                 break
@@ -419,7 +217,7 @@ class Trainer:
         append with ``recompute_on_append`` shifts them a little): the weights are only a
         starting point, and this run records and uses the store's own statistics."""
         state, meta = checkpoint.load_init(folder)
-        check_compatible(meta, self.info, folder, statistics=False)
+        checkpoint.check_compatible(meta, self.info, folder, statistics=False)
         try:
             self.stepper.load_state_dict(state["model"])
         except (KeyError, RuntimeError) as err:

@@ -1,7 +1,7 @@
 """A run directory has one writer, and a resume trains the run it resumes.
 
 ``pipeline train`` (its driver process, locally, on Ray or in a Slurm job) and the
-in-process loop (:func:`pipeline.train.loop.local_runtime`) hold ``<run>/.lock`` for the
+in-process loop (:func:`pipeline.train.runtime.local_runtime`) hold ``<run>/.lock`` for the
 whole training: a second writer is refused at once, naming the holder, instead of
 resuming the same checkpoint and writing over the first one's checkpoints, ``best/`` and
 ``metrics.jsonl``. Ray Train workers never take it: their driver holds it. The kernel

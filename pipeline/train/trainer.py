@@ -11,7 +11,7 @@ to Ray, which stores them in ``<run>/checkpoints/step-N`` and keeps the newest
 one. Running ``train`` again with the same config resumes the run; the driver holds the
 run's lock throughout and refuses a resume with another config (``rundir``). SIGTERM/SIGUSR1 to
 the driver ask the workers to checkpoint and stop; ``train`` then returns
-``preempted=True`` and the CLI exits with :data:`PREEMPTED_EXIT_CODE`.
+``preempted=True`` and the CLI exits with :data:`pipeline.errors.PREEMPTED_EXIT_CODE`.
 """
 
 from __future__ import annotations
@@ -50,10 +50,11 @@ class TrainResult:
 
 def preflight(cfg: Config, plan: ExecutionPlan) -> None:
     """Fail fast in the driver on what would fail in every worker (exit code 2)."""
-    from pipeline.data.loader import BlockShuffleSampler, ForecastDataset, StoreInfo
+    from pipeline.data.dataset import BlockShuffleSampler, ForecastDataset
+    from pipeline.data.store import StoreInfo
     from pipeline.train import checkpoint
-    from pipeline.train.loop import build_stepper, check_compatible
     from pipeline.train.sinks import check_mlflow
+    from pipeline.train.stepper import build_stepper
 
     t = cfg.train
     info = StoreInfo(cfg.data.store)
@@ -64,10 +65,10 @@ def preflight(cfg: Config, plan: ExecutionPlan) -> None:
     check_mlflow(cfg)
     found = checkpoint.latest_valid(checkpoint.list_steps(cfg.run_dir() / "checkpoints"))
     if found is not None:
-        check_compatible(found[2], info, found[0])
+        checkpoint.check_compatible(found[2], info, found[0])
     elif t.init_from:  # a warm start: the channels must match, the statistics may differ
         _, meta = checkpoint.load_init(Path(t.init_from))
-        check_compatible(meta, info, Path(t.init_from), statistics=False)
+        checkpoint.check_compatible(meta, info, Path(t.init_from), statistics=False)
 
 
 def check_run_dir(run_dir: Path) -> None:
@@ -107,7 +108,8 @@ def _worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from pipeline.train import checkpoint
-    from pipeline.train.loop import Runtime, train_loop
+    from pipeline.train.loop import train_loop
+    from pipeline.train.runtime import Runtime
 
     cfg = config_from_dict(loop_config["config"])
     plan = ExecutionPlan.from_json(loop_config["plan"])

@@ -17,7 +17,8 @@ import zarr
 
 from pipeline.config import config_from_dict
 from pipeline.data.build import preprocess
-from pipeline.train.loop import local_runtime, train_loop
+from pipeline.train.loop import train_loop
+from pipeline.train.runtime import local_runtime
 from tests.conftest import base_config, run_cli, train_config, write_config
 
 pytestmark = pytest.mark.integration

@@ -17,11 +17,13 @@ import pytest
 import yaml
 
 from pipeline.config import config_from_dict, load_config
+from pipeline.errors import PREEMPTED_EXIT_CODE
 from pipeline.evaluate.evaluate import evaluate
 from pipeline.registry import ModelRegistry
 from pipeline.train import checkpoint
-from pipeline.train.loop import PREEMPTED_EXIT_CODE, local_runtime, train_loop
+from pipeline.train.loop import train_loop
 from pipeline.train.rundir import run_writer
+from pipeline.train.runtime import local_runtime
 from pipeline.workflows import retrain
 from tests.conftest import run_cli, train_config, write_config
 
@@ -66,7 +68,8 @@ def kill(proc: subprocess.Popen[str]) -> None:
 TRAIN_IN_PROCESS = """
 import sys
 from pipeline.config import load_config
-from pipeline.train.loop import local_runtime, train_loop
+from pipeline.train.loop import train_loop
+from pipeline.train.runtime import local_runtime
 cfg = load_config(sys.argv[1])
 train_loop(cfg, local_runtime(cfg))
 """
@@ -159,7 +162,8 @@ def test_resume_with_other_lr_is_refused_and_with_more_steps_continues(
 RETRAIN_IN_PROCESS = """
 import sys
 from pipeline.config import load_config
-from pipeline.train.loop import local_runtime, train_loop
+from pipeline.train.loop import train_loop
+from pipeline.train.runtime import local_runtime
 from pipeline.workflows import retrain
 retrain(load_config(sys.argv[1]), train_fn=lambda cfg: train_loop(cfg, local_runtime(cfg)))
 """

@@ -21,10 +21,12 @@ import zarr
 
 from pipeline.config import Codec, load_config
 from pipeline.data import store as store_module
-from pipeline.data.loader import ForecastDataset, StoreInfo
+from pipeline.data.dataset import ForecastDataset
+from pipeline.data.store import StoreInfo
 from pipeline.errors import PipelineError, StoreError, TrainingError
 from pipeline.train import checkpoint
-from pipeline.train.loop import local_runtime, train_loop
+from pipeline.train.loop import train_loop
+from pipeline.train.runtime import local_runtime
 from tests.conftest import base_config, run_cli, train_config, write_config
 
 pytestmark = pytest.mark.integration

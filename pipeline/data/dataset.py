@@ -5,7 +5,7 @@ channels), the forcing channels at each target time, and the predicted channels
 (prognostic and derived) at ``t + lead * k`` for ``k = 1 .. rollout``, all normalised
 with the store's statistics; in a store with masks (``data.nan.policy: fill``) also the
 mask channels at each target time, which say where a target is missing
-(:meth:`Layout.valid`, :meth:`StoreInfo.missing_above`). Each read takes the
+(``pipeline.data.layout``, :meth:`pipeline.data.store.StoreInfo.missing_above`). Each read takes the
 contiguous range of steps a sample needs (each step is one chunk), or that a run of
 samples at consecutive times needs
 (they share all but one step), decoded straight from the shard files
@@ -21,165 +21,18 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from functools import cached_property
 from typing import Any
 
 import numpy as np
 import torch
-import xarray as xr
 import zarr
 from torch.utils.data import Dataset, Sampler
 from zarr.core.buffer import default_buffer_prototype
 
 from pipeline.data import store
 from pipeline.data.shards import ShardFiles
-from pipeline.data.sources import within
-from pipeline.data.transforms import mask_name
-from pipeline.errors import ConfigError, StoreError
-
-OUTPUT_ROLES = ("prognostic", "derived")
-# A point is missing where its stored mask exceeds this: the mask is 1 where the input
-# was missing, after coarsening the missing fraction of the cell (any missing input
-# cell makes the coarse value part fill value), and exactly 0 elsewhere.
-MISSING_ABOVE = 1e-6
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Which stored channels are predicted, which are forcings, which are masks, and
-    which masks say where each predicted channel is missing."""
-
-    channels: tuple[str, ...]
-    outputs: tuple[int, ...]  # predicted: prognostic and derived
-    forcings: tuple[int, ...]
-    masks: tuple[int, ...]
-    # per output: positions in ``masks`` of the masks that make it missing (its own, or
-    # for a derived channel those of its inputs: missing where any input is)
-    output_masks: tuple[tuple[int, ...], ...]
-
-    @classmethod
-    def from_roles(cls, channels: list[str], roles: list[str],
-                   derived: dict[str, list[str]] | None = None) -> Layout:
-        """The layout of a store's channels from their roles; ``derived``: the inputs of
-        each derived channel (the store's ``data.derived``), in build order."""
-        pick = lambda wanted: tuple(i for i, r in enumerate(roles) if r in wanted)  # noqa: E731
-        outputs, masks = pick(OUTPUT_ROLES), pick(("mask",))
-        position = {channels[i]: k for k, i in enumerate(masks)}
-        sources: dict[str, set[int]] = {}
-        for i in outputs:  # prognostic first, then derived in build order (chains resolve)
-            name = channels[i]
-            own = {position[mask_name(name)]} if mask_name(name) in position else set()
-            for source in (derived or {}).get(name, []):
-                own |= sources.get(source, set())
-            sources[name] = own
-        return cls(tuple(channels), outputs, pick(("forcing",)), masks,
-                   tuple(tuple(sorted(sources[channels[i]])) for i in outputs))
-
-    @property
-    def output_names(self) -> list[str]:
-        return [self.channels[i] for i in self.outputs]
-
-    @property
-    def has_masks(self) -> bool:
-        """Whether any predicted channel can be missing somewhere."""
-        return any(self.output_masks)
-
-    def mask_incidence(self) -> np.ndarray:
-        """``(output, mask)`` float32: 1 where the mask can make the output missing."""
-        incidence = np.zeros((len(self.outputs), len(self.masks)), np.float32)
-        for j, positions in enumerate(self.output_masks):
-            incidence[j, list(positions)] = 1.0
-        return incidence
-
-    def valid(self, steps: np.ndarray) -> np.ndarray | None:
-        """Where each predicted channel holds data: raw stored ``steps`` ``(..., channel,
-        lat, lon)`` (all channels) -> bool ``(..., output, lat, lon)``, False where a
-        mask of the output marks the point missing; None for a store without masks."""
-        if not self.has_masks:
-            return None
-        missing = np.asarray(steps)[..., list(self.masks), :, :] > MISSING_ABOVE
-        valid = np.ones((*missing.shape[:-3], len(self.outputs), *missing.shape[-2:]), bool)
-        for j, positions in enumerate(self.output_masks):
-            if positions:
-                valid[..., j, :, :] = ~missing[..., list(positions), :, :].any(axis=-3)
-        return valid
-
-
-class StoreInfo:
-    """What training needs to know about a complete store, read once (small arrays)."""
-
-    def __init__(self, path: str | os.PathLike[str]):
-        self.path = os.path.abspath(path)
-        group = store.open_complete(self.path)
-        self.attrs = group.attrs.asdict()
-        channels = store.channel_names(group)
-        derived = self.attrs.get("config", {}).get("data", {}).get("derived", [])
-        self.layout = Layout.from_roles(channels, [str(r) for r in group["channel_role"][:]],
-                                        {d["name"]: list(d["inputs"]) for d in derived})
-        self.n_time = int(group["data"].shape[0])
-        self.lat = np.asarray(group["lat"][:], dtype=np.float64)
-        self.lon = np.asarray(group["lon"][:], dtype=np.float64)
-        self.area_weight = np.asarray(group["area_weight"][:], dtype=np.float64)
-        self.stats = store.statistics(group)
-        self.static = np.asarray(group["static"][:], dtype=np.float32)
-        self.static_mean = np.asarray(group["static_mean"][:], dtype=np.float64)
-        self.static_std = np.asarray(group["static_std"][:], dtype=np.float64)
-
-    @property
-    def dataset_version(self) -> int:
-        return int(self.attrs["dataset_version"])
-
-    @property
-    def periodic_lon(self) -> bool:
-        """True for global grids: the longitudes cover the whole circle evenly."""
-        if self.lon.size < 2:
-            return False
-        step = np.diff(self.lon)
-        return bool(np.allclose(step, step[0]) and abs(step[0] * self.lon.size - 360.0) < 1e-6)
-
-    @cached_property
-    def times(self) -> Any:
-        return xr.open_zarr(self.path, consolidated=True)["time"].to_index()
-
-    def split_range(self, split: str) -> tuple[int, int]:
-        """Inclusive index range of a split (train, val or test) on the time axis."""
-        start, end = self.attrs["splits"][split]
-        mask = within(self.times, start, end)
-        if not mask.any():
-            raise StoreError(f"split '{split}' [{start}, {end}] has no time steps in {self.path}",
-                             "check data.splits, or append the data it needs")
-        idx = np.flatnonzero(mask)
-        return int(idx[0]), int(idx[-1])
-
-    def normalisation(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per-channel (mean, std) as float32; constant channels get std 1."""
-        std = np.where(self.stats["std"] > 1e-12, self.stats["std"], 1.0)
-        return self.stats["mean"].astype(np.float32), std.astype(np.float32)
-
-    def missing_above(self) -> np.ndarray:
-        """Per mask channel (``layout.masks``), the normalised value above which a target
-        is missing: :data:`MISSING_ABOVE` in model units. A mask of 0 normalises to
-        ``-mean / std`` within rounding, far below it."""
-        mean, std = self.normalisation()
-        masks = list(self.layout.masks)
-        return ((MISSING_ABOVE - mean[masks].astype(np.float64)) / std[masks]).astype(np.float32)
-
-    def tendency_scale(self) -> np.ndarray:
-        """diff_std / std of the predicted channels: the size of a normalised one-step change."""
-        _, std = self.normalisation()
-        diff = np.where(self.stats["diff_std"] > 1e-12, self.stats["diff_std"], std)
-        return (diff / std)[list(self.layout.outputs)].astype(np.float32)
-
-    def normalised_static(self) -> np.ndarray:
-        std = np.where(self.static_std > 1e-12, self.static_std, 1.0)
-        return ((self.static - self.static_mean[:, None, None]) / std[:, None, None]).astype(np.float32)
-
-    def fingerprint(self) -> dict[str, Any]:
-        """What a checkpoint records of the store it was trained on."""
-        return {"path": self.path, "data_hash": self.attrs["data_hash"],
-                "dataset_version": self.dataset_version, "channels": list(self.layout.channels),
-                "mean": self.stats["mean"].tolist(), "std": self.stats["std"].tolist()}
+from pipeline.data.store import StoreInfo
+from pipeline.errors import ConfigError
 
 
 def sample_times(first: int, last: int, history: int, lead: int, rollout: int) -> np.ndarray:
