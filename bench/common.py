@@ -12,7 +12,8 @@ import yaml
 
 from pipeline.config import load_config
 from pipeline.data.build import preprocess
-from pipeline.data.synthetic import demo_spec, ensure_demo_data
+from pipeline.demo.files import ensure_demo_data
+from pipeline.demo.spec import demo_spec
 
 
 def bench_config(workdir: Path, months: int, forcings: list[str] | None = None) -> Path:

@@ -27,7 +27,8 @@ import yaml
 from bench.common import machine, write_result
 from pipeline.config import Config, load_config
 from pipeline.data.build import preprocess
-from pipeline.data.synthetic import demo_spec, ensure_demo_data
+from pipeline.demo.files import ensure_demo_data
+from pipeline.demo.spec import demo_spec
 
 REPO = Path(__file__).resolve().parents[1]
 RAY_WORKER_NICENESS = int(os.environ.get("RAY_worker_niceness", "15"))  # noqa: SIM112 - Ray's name and default

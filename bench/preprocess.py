@@ -32,8 +32,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from pipeline.data.synthetic import demo_spec, write_demo_data
-from pipeline.monitor import PeakMemory, run_measured
+from bench.monitor import PeakMemory, run_measured
+from pipeline.demo.files import write_demo_data
+from pipeline.demo.spec import demo_spec
 
 NAIVE = """
 import sys, xarray as xr

@@ -41,7 +41,8 @@ def _part(text: str) -> tuple[int, int]:
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
-    from pipeline.data.synthetic import SIZES, demo_spec, ensure_demo_data
+    from pipeline.demo.files import ensure_demo_data
+    from pipeline.demo.spec import SIZES, demo_spec
 
     if args.size not in SIZES:
         raise PipelineError(f"unknown demo size '{args.size}'", f"choose one of {', '.join(SIZES)}")
@@ -259,8 +260,6 @@ def build_parser() -> argparse.ArgumentParser:
                        "a preemption signal; `pipeline plan` shows what it will do "
                        "(docs/cluster.md).")
     _add_config(p)
-    p.add_argument("--resume", action="store_true",
-                   help="resume explicitly (the default whenever the run has a checkpoint)")
     p.add_argument("--address", default=None, help="join an existing Ray cluster (e.g. auto)")
     p.set_defaults(func=cmd_train)
 

@@ -84,7 +84,8 @@ def ensure_demo(cfg: Config) -> str | None:
     serve then fails in preprocessing with the error that names what is missing."""
     if not reads_demo(cfg):
         return None
-    from pipeline.data.synthetic import demo_differences, demo_spec, ensure_demo_data
+    from pipeline.demo.files import demo_differences, ensure_demo_data
+    from pipeline.demo.spec import demo_spec
 
     spec = demo_spec(DEMO_SIZE, months=demo_months(cfg))
     differences = demo_differences(DEMO_RAW, spec)

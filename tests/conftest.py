@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline.data.synthetic import demo_spec, write_demo_data
+from pipeline.demo.files import write_demo_data
+from pipeline.demo.spec import demo_spec
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 

@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 import zarr
 
+from bench.monitor import run_measured
 from pipeline.config import load_config
 from pipeline.data.build import preprocess
 from pipeline.data.cluster import MALLOC_RETURN, MALLOC_REUSE, dask_client
-from pipeline.data.synthetic import demo_spec, write_demo_data
-from pipeline.monitor import run_measured
+from pipeline.demo.files import write_demo_data
+from pipeline.demo.spec import demo_spec
 from tests.conftest import base_config, write_config
 from tests.test_preprocess import assert_same_arrays
 

@@ -11,7 +11,8 @@ import xarray as xr
 
 from pipeline.config import load_config
 from pipeline.data.build import preprocess
-from pipeline.data.synthetic import demo_spec, simulate, static_fields
+from pipeline.demo.simulation import simulate, static_fields
+from pipeline.demo.spec import demo_spec
 from tests.conftest import base_config, write_config
 
 pytestmark = pytest.mark.integration

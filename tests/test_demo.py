@@ -9,15 +9,10 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from pipeline.data import synthetic
-from pipeline.data.synthetic import (
-    SIZES,
-    DemoSpec,
-    demo_spec,
-    simulate,
-    static_fields,
-    write_demo_data,
-)
+from pipeline.demo import files as demo_files
+from pipeline.demo.files import write_demo_data
+from pipeline.demo.simulation import simulate, static_fields
+from pipeline.demo.spec import SIZES, DemoSpec, demo_spec
 
 pytestmark = pytest.mark.unit
 
@@ -207,8 +202,8 @@ def test_killed_write_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 
 def test_only_small_grids_are_compressed() -> None:
-    assert synthetic._compress(demo_spec("tiny")) and synthetic._compress(demo_spec("small"))
-    assert not synthetic._compress(demo_spec("large"))
+    assert demo_files._compress(demo_spec("tiny")) and demo_files._compress(demo_spec("small"))
+    assert not demo_files._compress(demo_spec("large"))
     ds = xr.Dataset({"t2m": (("time", "latitude", "longitude"), np.zeros((1, 2, 3), "f4"))})
-    assert "zlib" not in synthetic._encoding(ds, compress=False)["t2m"]
-    assert synthetic._encoding(ds, compress=True)["t2m"]["chunksizes"] == (1, 2, 3)
+    assert "zlib" not in demo_files._encoding(ds, compress=False)["t2m"]
+    assert demo_files._encoding(ds, compress=True)["t2m"]["chunksizes"] == (1, 2, 3)

@@ -1,7 +1,5 @@
-"""Synthetic ERA5-like demo data: a small, deterministic, learnable climate simulation.
-
-Why: demos, tests and benchmarks need realistic raw NetCDF files (levels, CF attributes,
-monthly files, calendars) whose next state really follows from the current one.
+"""The demo's climate simulation: a small, deterministic, learnable model on a lat-lon
+grid, written out as ERA5-like monthly datasets (:func:`simulate`, :func:`static_fields`).
 
 The model (vectorised numpy, float64 state, substeps of at most 6 h):
 - temperature on the pressure levels and the surface temperature (``t2m``) are advected
@@ -16,43 +14,30 @@ The model (vectorised numpy, float64 state, substeps of at most 6 h):
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import re
-from collections.abc import Collection, Iterator
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from collections.abc import Iterator
+from dataclasses import asdict
 
-import cftime
 import numpy as np
 import xarray as xr
 
-from pipeline.errors import PipelineError
-from pipeline.files import atomic_write
+from pipeline.demo.spec import (
+    TIME_UNITS,
+    YEAR_DAYS,
+    DemoSpec,
+    month_times,
+    time_values,
+)
 
 log = logging.getLogger(__name__)
 
-SIZES = ("tiny", "small", "large")
-MARKER = ".demo-spec.json"  # the spec and file names that ensure_demo_data wrote
-TIME_UNITS = "hours since 1970-01-01 00:00:00"
-ERA5_LEVELS = (1000.0, 925.0, 850.0, 700.0, 600.0, 500.0, 400.0, 300.0, 250.0, 200.0,
-               150.0, 100.0, 50.0)
-_SIZE_ARGS: dict[str, dict] = {
-    "tiny": {"n_lat": 17, "n_lon": 32, "levels": (850.0, 500.0), "months": 3},
-    "small": {"n_lat": 33, "n_lon": 64, "levels": (850.0, 500.0, 250.0), "months": 6},
-    "large": {"n_lat": 121, "n_lon": 240, "levels": ERA5_LEVELS, "months": 6},
-}
 _A = 6.371e6            # Earth radius (m)
 _OMEGA = 7.292e-5       # rotation rate (1/s)
 _RD = 287.05            # gas constant of dry air (J/kg/K)
 _LAPSE = 0.0065         # standard lapse rate (K/m)
 _KAPPA = _RD * _LAPSE / 9.80665   # T ~ p**_KAPPA for the standard lapse rate
 _OBLIQUITY = math.radians(23.44)
-_YEAR_DAYS = {"360_day": 360.0, "noleap": 365.0, "365_day": 365.0, "all_leap": 366.0,
-              "366_day": 366.0, "julian": 365.25}
-_STANDARD = ("standard", "gregorian", "proleptic_gregorian")
 _SPINUP_DAYS = 30
 _MAX_SUBSTEP_HOURS = 6.0
 _WIND_SCALE = 300e3    # m: winds are geostrophic from z smoothed on this scale
@@ -68,71 +53,6 @@ _ATTRS = {
 }
 
 
-@dataclass(frozen=True)
-class DemoSpec:
-    """What to simulate: grid (poles included), pressure levels (descending), time span."""
-
-    n_lat: int
-    n_lon: int
-    levels: tuple[float, ...]
-    start: str = "2000-01-01"
-    months: int = 3
-    step_hours: int = 6
-    calendar: str = "standard"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "levels", tuple(float(p) for p in self.levels))
-        if self.n_lat < 3 or self.n_lon < 4:
-            raise ValueError(f"grid {self.n_lat}x{self.n_lon} too small (need n_lat>=3, n_lon>=4)")
-        lv = self.levels
-        if not lv or lv[-1] <= 0 or any(a <= b for a, b in zip(lv, lv[1:], strict=False)):
-            raise ValueError(f"levels {lv} must be positive hPa, strictly descending like ERA5")
-        if self.months < 1 or self.step_hours < 1:
-            raise ValueError("months and step_hours must be >= 1")
-        _start_date(self)  # validates start and calendar
-
-
-def demo_spec(size: str, **overrides) -> DemoSpec:
-    """The spec of a named demo size (tiny, small, large), with fields overridden."""
-    if size not in _SIZE_ARGS:
-        raise ValueError(f"unknown demo size {size!r} (allowed: {', '.join(SIZES)})")
-    return DemoSpec(**{**_SIZE_ARGS[size], **overrides})
-
-
-# ----------------------------------------------------------------------------- time axis
-def _start_date(spec: DemoSpec) -> cftime.datetime:
-    """Parse ``start`` (YYYY-MM-DD[THH[:00[:00]]]) as a date in the spec's calendar."""
-    m = re.fullmatch(r"(\d{4})-(\d{2})-(\d{2})(?:[T ](\d{2})(?::00(?::00)?)?)?", spec.start.strip())
-    if not m:
-        raise ValueError(f"start {spec.start!r} is not YYYY-MM-DD or YYYY-MM-DDTHH:00")
-    y, mo, d, h = (int(g) if g else 0 for g in m.groups())
-    return cftime.datetime(y, mo, d, h, calendar=spec.calendar)  # ValueError if invalid
-
-
-def _month_times(spec: DemoSpec) -> list[tuple[int, int, np.ndarray]]:
-    """(year, month, hours since 1970) per calendar month; one global step grid from start."""
-    first = _start_date(spec)
-    edges, (y, mo) = [], (first.year, first.month)
-    for _ in range(spec.months):
-        y, mo = (y + 1, 1) if mo == 12 else (y, mo + 1)
-        edges.append(cftime.date2num(cftime.datetime(y, mo, 1, calendar=spec.calendar),
-                                     TIME_UNITS, calendar=spec.calendar))
-    h0 = float(cftime.date2num(first, TIME_UNITS, calendar=spec.calendar))
-    hours = h0 + spec.step_hours * np.arange(int(np.ceil((edges[-1] - h0) / spec.step_hours)))
-    out, lo, (y, mo) = [], h0, (first.year, first.month)
-    for hi in edges:
-        out.append((y, mo, hours[(hours >= lo) & (hours < hi)]))
-        lo, (y, mo) = hi, ((y + 1, 1) if mo == 12 else (y, mo + 1))
-    return out
-
-
-def _time_values(hours: np.ndarray, calendar: str) -> np.ndarray:
-    """Hours since 1970 as datetime64 (standard calendars) or cftime dates (others)."""
-    if calendar in _STANDARD:
-        ns = np.round(hours * 3.6e12).astype("int64").astype("timedelta64[ns]")
-        return np.datetime64("1970-01-01T00:00:00", "ns") + ns
-    return np.asarray(cftime.num2date(hours, TIME_UNITS, calendar=calendar))
 
 
 # ----------------------------------------------------------------------------- grid, statics
@@ -259,7 +179,7 @@ class _Model:
         self.spec, self.grid = spec, _Grid(spec)
         self.orog, _, self.land = _geography(spec, self.grid)
         self.waves = _Waves(spec)
-        self.year_days = _YEAR_DAYS.get(spec.calendar, 365.2425)
+        self.year_days = YEAR_DAYS.get(spec.calendar, 365.2425)
         self.p = np.array(spec.levels)[:, None, None] * 100.0          # Pa
         self.sigma = self.p / 1e5
         self.standard = 288.0 * self.sigma**_KAPPA                      # K, standard atmosphere
@@ -445,6 +365,7 @@ class _Model:
         self.hours = h + self.spec.step_hours
 
 
+
 # ----------------------------------------------------------------------------- datasets
 def _var_attrs(name: str) -> dict[str, str]:
     units, standard_name, long_name = _ATTRS[name]
@@ -489,7 +410,7 @@ def _month_dataset(model: _Model, hours: np.ndarray) -> xr.Dataset:
     coords["level"] = ("level", np.array(spec.levels), {
         "units": "hPa", "positive": "down", "standard_name": "air_pressure",
         "long_name": "pressure level", "axis": "Z"})
-    coords["time"] = ("time", _time_values(hours, spec.calendar),
+    coords["time"] = ("time", time_values(hours, spec.calendar),
                       {"standard_name": "time", "long_name": "time", "axis": "T"})
     ds = xr.Dataset(data, coords=coords, attrs=_global_attrs(spec))
     ds["time"].encoding.update({"units": TIME_UNITS, "calendar": spec.calendar,
@@ -499,131 +420,10 @@ def _month_dataset(model: _Model, hours: np.ndarray) -> xr.Dataset:
 
 def simulate(spec: DemoSpec) -> Iterator[xr.Dataset]:
     """Yield one xarray Dataset per calendar month, in time order."""
-    months = _month_times(spec)
+    months = month_times(spec)
     model = _Model(spec)
     model.start(float(months[0][2][0]))
     for year, month, hours in months:
         if len(hours):                      # a step longer than a month can skip one
             log.debug("simulating %04d-%02d (%d steps)", year, month, len(hours))
             yield _month_dataset(model, hours)
-
-
-def _compress(spec: DemoSpec) -> bool:
-    """zlib for the small demos; the large one is written raw (speed over size)."""
-    return spec.n_lat * spec.n_lon <= 10_000
-
-
-def _encoding(ds: xr.Dataset, compress: bool) -> dict[str, dict]:
-    """netCDF4 encodings: no fill values; zlib and per-step chunks only when compressing."""
-    enc: dict[str, dict] = {name: {"_FillValue": None} for name in ds.coords}
-    for name, var in ds.data_vars.items():
-        enc[name] = {"dtype": "float32", "_FillValue": None}
-        if compress:
-            chunks = tuple(1 if d == "time" else var.sizes[d] for d in var.dims)
-            enc[name].update(zlib=True, complevel=1, shuffle=True, chunksizes=chunks)
-    return enc
-
-
-def _encode_time(ds: xr.Dataset) -> xr.Dataset:
-    """Time as int64 hours with exactly TIME_UNITS (xarray would shorten the units string)."""
-    if "time" not in ds.coords:
-        return ds
-    values, calendar = ds["time"].values, ds.attrs["calendar"]
-    if np.issubdtype(values.dtype, np.datetime64):
-        hours = (values - np.datetime64("1970-01-01", "ns")) // np.timedelta64(1, "h")
-    else:
-        hours = cftime.date2num(list(values), TIME_UNITS, calendar=calendar)
-    attrs = {**ds["time"].attrs, "units": TIME_UNITS, "calendar": calendar}
-    return ds.assign_coords(time=("time", np.asarray(hours, dtype=np.int64), attrs))
-
-
-def _write_atomic(ds: xr.Dataset, path: Path, compress: bool) -> None:
-    """Write to a hidden temporary file next to ``path``, then rename it into place."""
-    ds = _encode_time(ds)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        ds.to_netcdf(tmp, engine="netcdf4", format="NETCDF4", encoding=_encoding(ds, compress))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_demo_data(out_dir: Path, spec_or_size: DemoSpec | str,
-                    keep: Collection[str] = ()) -> list[Path]:
-    """Write demo_YYYY-MM.nc (one per month) and static.nc into out_dir; return the paths
-    (months sorted, static last). Each file appears complete or not at all. Files named
-    in ``keep`` are left as they are (the simulation still runs through their months)."""
-    spec = demo_spec(spec_or_size) if isinstance(spec_or_size, str) else spec_or_size
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    compress = _compress(spec)
-    paths = []
-    for ds in simulate(spec):
-        first = ds.indexes["time"][0]
-        path = out_dir / f"demo_{first.year:04d}-{first.month:02d}.nc"
-        if path.name not in keep:
-            _write_atomic(ds, path, compress)
-            log.info("wrote %s (%d steps)", path, ds.sizes["time"])
-        paths.append(path)
-    static = out_dir / "static.nc"
-    if static.name not in keep:
-        _write_atomic(static_fields(spec), static, compress)
-    return [*paths, static]
-
-
-def _recorded(out_dir: Path) -> dict | None:
-    """What ``.demo-spec.json`` in ``out_dir`` records (spec, files), None if unreadable."""
-    try:
-        recorded = json.loads((out_dir / MARKER).read_text())
-    except (OSError, ValueError):
-        return None
-    return recorded if isinstance(recorded, dict) else None
-
-
-def _spec_differences(recorded: dict, spec: DemoSpec) -> list[str]:
-    have, want = recorded.get("spec") or {}, json.loads(json.dumps(asdict(spec)))
-    return [f"{key} {have.get(key)} (expected {value})" for key, value in want.items()
-            if have.get(key) != value]
-
-
-def demo_differences(out_dir: Path, spec: DemoSpec) -> list[str] | None:
-    """How the files in ``out_dir`` differ from ``spec``'s demo data: None when it holds
-    no files, [] when they are exactly that spec's, else one phrase per difference."""
-    out_dir = Path(out_dir)
-    present = sorted(p.name for p in out_dir.glob("*") if not p.name.startswith("."))
-    if not present:
-        return None
-    recorded = _recorded(out_dir)
-    if recorded is None:
-        return [f"{len(present)} files not written by `pipeline demo-data` (no readable {MARKER})"]
-    missing = [name for name in recorded.get("files", []) if name not in present]
-    return (_spec_differences(recorded, spec)
-            + ([f"files missing: {', '.join(missing)}"] if missing else []))
-
-
-def ensure_demo_data(out_dir: Path, spec: DemoSpec) -> tuple[list[Path], bool]:
-    """Write the demo data into ``out_dir`` without overwriting any file there.
-
-    Files already there may be the user's, and a store built from them records their
-    modification times: an empty folder is written, exactly this spec's files are kept
-    (a second ``make demo`` finds its store still valid), this spec's files with some
-    deleted get just those back, and files of another spec (or of no known spec) are a
-    :class:`PipelineError` that says how they differ. Returns the paths and whether any
-    file was written now.
-    """
-    out_dir = Path(out_dir)
-    differences = demo_differences(out_dir, spec)
-    recorded = _recorded(out_dir) if differences is not None else None
-    if differences == [] and recorded is not None:
-        return [out_dir / name for name in recorded["files"]], False
-    if differences and (recorded is None or _spec_differences(recorded, spec)):
-        raise PipelineError(
-            f"{out_dir} already holds demo files that differ from the ones asked for: "
-            f"{'; '.join(differences)}; they are not overwritten",
-            f"write into another directory, or delete the files in {out_dir} first")
-    if differences:  # this spec's marker, some of its files deleted: only those come back
-        return write_demo_data(out_dir, spec, keep={p.name for p in out_dir.glob("*")}), True
-    paths = write_demo_data(out_dir, spec)
-    atomic_write(out_dir / MARKER, json.dumps(
-        {"spec": asdict(spec), "files": [p.name for p in paths]}, sort_keys=True))
-    return paths, True
