@@ -33,6 +33,7 @@ bench: install
 
 lint: install
 	$(VENV)/bin/ruff check pipeline tests bench
+	$(VENV)/bin/mypy pipeline
 
 clean:
 	rm -rf data/demo runs registry .pytest_cache

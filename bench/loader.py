@@ -40,13 +40,13 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
-from zarr.core.buffer import default_buffer_prototype
+from zarr.buffer import default_buffer_prototype
 
 from bench.common import ensure_store, machine, write_result
 from pipeline.config import load_config
-from pipeline.data.batches import BatchLoader, Readers
 from pipeline.data.dataset import RUN_LENGTH, BlockShuffleSampler, ForecastDataset, consecutive_runs
-from pipeline.data.resident import ResidentLoader, ResidentSplit
+from pipeline.data.loading.batches import BatchLoader, Readers
+from pipeline.data.loading.resident import ResidentLoader, ResidentSplit
 from pipeline.data.store import StoreInfo
 
 

@@ -15,7 +15,7 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -30,8 +30,9 @@ from pydantic import (
 
 from pipeline.errors import ConfigError
 
-FORCINGS = ("cos_zenith", "toa_insolation", "sin_time_of_day", "cos_time_of_day",
-            "sin_year", "cos_year")
+Forcing = Literal["cos_zenith", "toa_insolation", "sin_time_of_day", "cos_time_of_day",
+                  "sin_year", "cos_year"]
+FORCINGS: tuple[str, ...] = get_args(Forcing)
 DERIVED_FUNCTIONS = ("wind_speed", "difference", "sum")
 
 
@@ -167,7 +168,7 @@ class Data(Section):
     splits: Splits
     coarsen: int = Field(1, ge=1, description="Integer coarsening factor in lat and lon (area weighted).")
     derived: list[Derived] = Field(default_factory=list)
-    forcings: list[Literal[FORCINGS]] = Field(default_factory=list)  # type: ignore[valid-type]
+    forcings: list[Forcing] = Field(default_factory=list)
     nan: NanPolicy = Field(default_factory=NanPolicy)
     store: str = Field(description="Path of the Zarr v3 training store.")
     shard_size: int = Field(32, ge=1, le=100_000,
@@ -259,16 +260,15 @@ class Train(Section):
     early_stopping_min_delta: float = Field(
         0.0, ge=0, description="Relative decrease of val loss that counts as improvement.")
     seed: int = 0
-    loader: Literal["auto", "threads", "processes", "dataloader"] = Field(
-        "auto", description="How batches are read: by reader 'threads' in the training "
-        "process or reader 'processes', both filling reused (pinned) batch buffers, or by "
-        "torch 'dataloader' worker processes; 'auto': processes (pipeline.plan).")
+    loader: Literal["auto", "threads", "processes"] = Field(
+        "auto", description="How batches are streamed: by reader 'threads' in the training "
+        "process or reader 'processes', both filling reused (pinned) batch buffers; "
+        "'auto': processes (pipeline.plan; pipeline.data.loading says why).")
     loader_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
         "auto", description="Reader threads or processes, as train.loader says; 0 reads in "
         "the training thread. auto: on a GPU the worker's CPUs less one (at least 1, at "
         "most 8), on the CPU 0 (the step uses the cores).")
-    prefetch_factor: int = Field(2, ge=1, description="Batches read ahead (per worker process "
-                                 "for 'dataloader').")
+    prefetch_factor: int = Field(2, ge=1, description="Batches read ahead.")
     assemble_on_device: bool = Field(
         True, description="With 'threads' or 'processes' on a GPU: copy each batch's raw "
         "steps to the GPU and normalise and gather the samples there (half the "
@@ -279,7 +279,7 @@ class Train(Section):
         "training device's memory, read once, and make each batch by indexing them (no "
         "reads after the first pass; the loader settings then only set the threads of that "
         "pass). auto: on a GPU when they take at most half of its free memory, never on "
-        "the CPU (pipeline.data.resident).")
+        "the CPU (pipeline.data.loading.resident).")
     shuffle_block: int = Field(8, ge=1, description="Time steps per shuffle block.")
     tensorboard: bool = Field(False, description="Also write metrics to <run>/tensorboard/.")
     mlflow_uri: str | None = Field(

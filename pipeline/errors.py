@@ -8,6 +8,7 @@ that callers can catch them the Python way (``except ValueError``).
 from __future__ import annotations
 
 import errno
+from typing import Any
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "preempted, requeue me"; the Slurm template requeues on it
 
@@ -22,8 +23,9 @@ class PipelineError(Exception):
         self.message = message
         self.hint = hint
 
-    def __reduce__(self) -> tuple[type, tuple[str, str | None]]:
+    def __reduce__(self) -> tuple[type, tuple[Any, ...]]:
         # Errors raised in Dask or Ray workers travel back pickled: keep the hint.
+        # (The class and its constructor's arguments, which differ in subclasses.)
         return (type(self), (self.message, self.hint))
 
     def one_line(self) -> str:
@@ -71,7 +73,7 @@ class RanksStopped(PipelineError):
             ranks = ", ".join(map(str, failed))
             super().__init__(f"stopped with rank {ranks}, which {what}", "see that rank's error")
 
-    def __reduce__(self) -> tuple[type, tuple[PipelineError | None, list[int], str]]:  # type: ignore[override]
+    def __reduce__(self) -> tuple[type, tuple[PipelineError | None, list[int], str]]:
         return (type(self), (self.own, self.failed, self.what))
 
 

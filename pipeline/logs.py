@@ -6,6 +6,12 @@ import logging
 import os
 
 
+class _Handler(logging.StreamHandler):
+    """The CLI's stderr handler, marked so that configuring again adds no second one."""
+
+    _pipeline = True
+
+
 def configure(debug: bool = False) -> None:
     """Configure the root logger for the command line (idempotent)."""
     level = logging.DEBUG if debug else logging.INFO
@@ -14,10 +20,9 @@ def configure(debug: bool = False) -> None:
         level = logging.WARNING
     root = logging.getLogger()
     if not any(getattr(h, "_pipeline", False) for h in root.handlers):
-        handler = logging.StreamHandler()
+        handler = _Handler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
                                                datefmt="%H:%M:%S"))
-        handler._pipeline = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(level)
     for noisy in ("distributed", "asyncio", "numcodecs", "zarr", "urllib3", "matplotlib"):

@@ -231,7 +231,7 @@ class ExecutionPlan:
     cpus_per_worker: int
     gpus_per_worker: int
     precision: Literal["bf16", "fp32"]
-    loader: Literal["processes", "threads", "dataloader"]
+    loader: Literal["processes", "threads"]
     loader_workers: int
     resident: Resident
     ray_start: Literal["init", "cluster", "connect"]  # ray.init here / ray start per node / join

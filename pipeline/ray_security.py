@@ -63,7 +63,7 @@ def secure_local_ray(run_dir: Path) -> Path:
     os.environ["RAY_AUTH_TOKEN_PATH"] = str(path)
     if "ray" in sys.modules:  # Ray read both settings at import: make it read them again
         from ray._private import ray_constants
-        from ray._raylet import Config
+        from ray._raylet import Config  # type: ignore[attr-defined]  # not in _raylet.pyi
 
         Config.initialize("")  # RAY_AUTH_MODE, as Ray's own token set-up re-reads it
         ray_constants.ENABLE_RAY_CLUSTER = False

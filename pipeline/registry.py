@@ -105,7 +105,7 @@ def eval_key(data: dict[str, Any]) -> str:
 
 def store_facts(path: str | Path) -> dict[str, Any]:
     """The store's identity and period, from its attributes (a complete store only)."""
-    attrs = store.open_complete(path).attrs.asdict()
+    attrs = store.attributes(store.open_complete(path))
     return {"path": os.path.abspath(path), "data_hash": attrs["data_hash"],
             "dataset_version": int(attrs["dataset_version"]),
             "time_start": attrs.get("time_start"), "time_end": attrs.get("time_end"),
@@ -197,10 +197,15 @@ class Version:
     def eval_key(self) -> str:
         return self.info["evaluation"]["key"]
 
+    @property
+    def metrics(self) -> dict[str, Any]:
+        """Its metrics on its own evaluation data (``eval/``, which registering copied)."""
+        return read_json(self.path / "eval" / "metrics.json")
+
     def metrics_for(self, key: str) -> dict[str, Any] | None:
         """Its metrics on the evaluation data ``key``, if it was scored on them."""
         if key == self.eval_key:
-            return read_json(self.path / "eval" / "metrics.json")
+            return self.metrics
         path = self.path / "evals" / f"{key}.json"
         return read_json(path) if path.exists() else None
 
@@ -430,7 +435,7 @@ class ModelRegistry:
                 self._append_decision(decision)
                 log.warning("%s", decision["reason"])
                 return decision
-            comparison = compare(challenger.metrics_for(key)["records"],
+            comparison = compare(challenger.metrics["records"],
                                  champion_metrics["records"], cfg.registry.metric,
                                  cfg.registry.lead, cfg.registry.min_improvement)
             decision = {**base, "champion": champion.name, "promoted": comparison.promote,

@@ -149,7 +149,9 @@ def train_stage(cfg: Config, train_fn: TrainFn | None, out: Outcome) -> bool:
         out.say(f"train: {cfg.run_dir()} already trained (step {done}); skipped")
         return True
     if train_fn is None:
-        from pipeline.launch import launch_train as train_fn
+        from pipeline.launch import launch_train
+
+        train_fn = launch_train
     result = train_fn(cfg)
     if getattr(result, "preempted", False):
         out.preempted = True

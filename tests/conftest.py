@@ -172,7 +172,9 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """The real two-node Slurm cluster (tests/slurm_cluster.py), started once per run.
 
     Installs Debian's slurm-wlm and munge when missing and running as root; with
-    CI=true a missing Slurm fails the run instead of skipping.
+    CI=true a missing Slurm fails the run instead of skipping. Stopped in a ``finally``:
+    after the last test, after a start-up that failed half-way (slurmctld up, a slurmd
+    not) and after a test that pytest-timeout interrupted.
     """
     import shutil as _shutil
 
@@ -186,6 +188,8 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         else:
             pytest.skip("needs Slurm: apt-get install slurm-wlm munge (as root)")
     cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
-    cluster.start()
-    yield cluster
-    cluster.stop()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()

@@ -1,11 +1,11 @@
-"""A real two-node Slurm cluster on this host, for tests (see DESIGN.md, "Slurm").
+"""A real two-node Slurm cluster on this host, for tests (docs/cluster.md says how the jobs use one).
 
 Debian's slurm-wlm 22.05 and munge: ``munged`` as the munge user, one ``slurmctld``
 and two ``slurmd`` (nodes ``n1``, ``n2``, both on 127.0.0.1 with their own ports), a
 minimal ``slurm.conf`` without cgroup plugins (these machines have no real cgroups),
 job completion records in a text file. Ports are chosen free at start, so several
 test runs on one host do not collide. ``stop()`` ends exactly the processes that
-``start()`` began.
+``start()`` began; a ``start()`` that fails stops them itself before raising.
 """
 
 from __future__ import annotations
@@ -84,21 +84,30 @@ class SlurmCluster:
         self.root = root
         self.conf = root / "slurm.conf"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
-        self.processes: list[subprocess.Popen] = []
+        self.processes: dict[str, subprocess.Popen] = {}  # daemon name -> its process
         self._logs: list[Any] = []
 
     def start(self, timeout: float = 60) -> None:
-        for sub in ("state", "log", "spool/n1", "spool/n2"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
-        self.conf.write_text(CONF.format(root=self.root, ctld_port=_free_port(),
-                                         n1_port=_free_port(), n2_port=_free_port(),
-                                         cpus=os.cpu_count() or 2))
-        self._start_munge()
-        self._spawn(["slurmctld", "-D", "-i", "-f", str(self.conf)], "slurmctld")
-        time.sleep(1)
-        for node in ("n1", "n2"):
-            self._spawn(["slurmd", "-D", "-N", node, "-f", str(self.conf)], f"slurmd-{node}")
-        self.wait_idle(timeout)
+        """Start munged (unless one serves this host), slurmctld and both slurmd, then
+        wait until both nodes are idle. If any step fails (or is interrupted), the daemons
+        started so far are stopped before the error propagates; ``root`` (a pytest temp
+        folder) keeps the logs that the error points at."""
+        try:
+            for sub in ("state", "log", "spool/n1", "spool/n2"):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+            self.conf.write_text(CONF.format(root=self.root, ctld_port=_free_port(),
+                                             n1_port=_free_port(), n2_port=_free_port(),
+                                             cpus=os.cpu_count() or 2))
+            self._start_munge()
+            self._spawn(["slurmctld", "-D", "-i", "-f", str(self.conf)], "slurmctld")
+            time.sleep(1)
+            for node in ("n1", "n2"):
+                self._spawn(["slurmd", "-D", "-N", node, "-f", str(self.conf)],
+                            f"slurmd-{node}")
+            self.wait_idle(timeout)
+        except BaseException:
+            self.stop()
+            raise
 
     def _start_munge(self) -> None:
         if subprocess.run(["munge", "-n"], capture_output=True).returncode == 0:
@@ -115,8 +124,8 @@ class SlurmCluster:
     def _spawn(self, cmd: list[str], name: str) -> None:
         log = open(self.root / "log" / f"{name}.out", "w")  # noqa: SIM115 - closed by stop()
         self._logs.append(log)
-        self.processes.append(subprocess.Popen(cmd, env=self.env, stdout=log,
-                                               stderr=subprocess.STDOUT, start_new_session=True))
+        self.processes[name] = subprocess.Popen(cmd, env=self.env, stdout=log,
+                                                stderr=subprocess.STDOUT, start_new_session=True)
 
     def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run a Slurm client command against this cluster."""
@@ -127,6 +136,11 @@ class SlurmCluster:
         deadline = time.monotonic() + timeout
         states = ""
         while time.monotonic() < deadline:
+            exited = [f"{name} (exit {proc.returncode})" for name, proc in self.processes.items()
+                      if proc.poll() is not None]
+            if exited:  # a daemon that died will not come back: say so now, not at the deadline
+                raise RuntimeError(f"Slurm daemons exited while starting: {', '.join(exited)}; "
+                                   f"logs in {self.root / 'log'}")
             out = self.run("sinfo", "-h", "-N", "-o", "%N %t", check=False)
             states = out.stdout.strip()
             lines = states.splitlines()
@@ -164,20 +178,28 @@ class SlurmCluster:
             time.sleep(0.5)
 
     def stop(self) -> None:
-        """Cancel jobs, then end each started daemon's process group (runuser's child too)."""
-        self.run("scancel", "--user", "root", check=False)
-        for proc in reversed(self.processes):
-            _signal_group(proc, signal.SIGTERM)
-        for proc in reversed(self.processes):
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                _signal_group(proc, signal.SIGKILL)
-                proc.wait()
-        self.processes.clear()
-        for log in self._logs:
-            log.close()
-        self._logs.clear()
+        """Cancel jobs, then end each started daemon's process group (runuser's child too).
+        Safe after a partial or failed ``start()`` and when called twice."""
+        ctld = self.processes.get("slurmctld")
+        if ctld is not None and ctld.poll() is None:
+            # a scancel that fails or times out must not keep the daemons running
+            with contextlib.suppress(subprocess.SubprocessError, OSError):
+                self.run("scancel", "--user", "root", check=False)
+        try:
+            started = list(reversed(self.processes.values()))
+            for proc in started:
+                _signal_group(proc, signal.SIGTERM)
+            for proc in started:
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    _signal_group(proc, signal.SIGKILL)
+                    proc.wait()
+        finally:
+            self.processes.clear()
+            for log in self._logs:
+                log.close()
+            self._logs.clear()
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:

@@ -17,6 +17,8 @@ from pipeline.config import config_hash, dump_config, load_config
 from pipeline.data.sources import within
 from tests.conftest import base_config, run_cli
 
+pytestmark = pytest.mark.unit
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
 UNQUOTED = """\
@@ -47,7 +49,6 @@ def demo_with(tmp_path: Path, name: str, dates: str) -> Path:
     return path
 
 
-@pytest.mark.unit
 def test_unquoted_dates_load_as_iso_text_with_the_quoted_hash(tmp_path: Path) -> None:
     unquoted = load_config(demo_with(tmp_path, "unquoted.yaml", UNQUOTED))
     quoted = load_config(demo_with(tmp_path, "quoted.yaml", QUOTED))
@@ -64,7 +65,6 @@ def test_unquoted_dates_load_as_iso_text_with_the_quoted_hash(tmp_path: Path) ->
     assert yaml.safe_load((tmp_path / "resolved.yaml").read_text())["data"]["start"] == "2000-01-03"
 
 
-@pytest.mark.unit
 def test_unquoted_dates_in_overrides() -> None:
     cfg = load_config(DEMO, ["data.start=2000-01-03", "data.end=2000-06-30 06:00:00",
                              "data.splits.val=[2000-05-01, 2000-05-31 18:00:00]"])
@@ -75,7 +75,6 @@ def test_unquoted_dates_in_overrides() -> None:
         "data.splits.val=['2000-05-01', '2000-05-31T18:00:00']"]))
 
 
-@pytest.mark.unit
 def test_a_360_day_date_stays_text_and_selects_in_that_calendar() -> None:
     """2000-02-30 is no Gregorian date (YAML's own date parser fails on it), but a day of
     the 360_day calendar; cftime calendars select with the converted text too."""

@@ -40,6 +40,8 @@ from pipeline.train.stepper import build_stepper
 from tests.conftest import IN_CI, base_config, run_cli, train_config, write_config
 from tests.test_real_data import storm_store  # noqa: F401 - the real-data store fixture
 
+pytestmark = pytest.mark.integration
+
 REPO = Path(__file__).resolve().parents[1]
 RECORD_FIELDS = {"channel", "lead", "rmse", "acc", "rmse_persistence", "rmse_climatology",
                  "acc_persistence", "skill_persistence", "skill_climatology"}
@@ -49,6 +51,7 @@ OUTPUTS = ["t2m", "msl", "t850", "t500", "u850", "v850", "ws850"]
 # --------------------------------------------------------------------------- metrics: by hand
 
 
+@pytest.mark.unit
 def test_pole_row_rmse_is_sin_22_5_degrees() -> None:
     # lat -90, 0, 90: bounds -90, -45, 45, 90; the north row covers (1 - sin 45)/2 of the
     # sphere, so a unit error there alone gives RMSE sqrt((1 - sin 45)/2) = sin 22.5
@@ -65,6 +68,7 @@ def test_pole_row_rmse_is_sin_22_5_degrees() -> None:
     np.testing.assert_allclose(metrics.spatial_mean(equator, w), [math.sin(math.radians(45))])
 
 
+@pytest.mark.unit
 def test_non_uniform_regional_grid_by_hand() -> None:
     # lat 0, 10, 40 (regional): bounds -5, 5, 25, 55 (edges extrapolated by half a cell)
     from pipeline.data.grid import area_weights
@@ -79,6 +83,7 @@ def test_non_uniform_regional_grid_by_hand() -> None:
     np.testing.assert_allclose(metrics.rmse(forecast, truth, w), math.sqrt(4 * cell[1] / sum(cell)))
 
 
+@pytest.mark.unit
 def test_rmse_averages_mse_over_time_before_the_root() -> None:
     w = np.ones(2)
     truth = np.zeros((2, 2, 3))
@@ -86,6 +91,7 @@ def test_rmse_averages_mse_over_time_before_the_root() -> None:
     assert metrics.rmse(forecast, truth, w) == pytest.approx(math.sqrt(5.0))  # not (1 + 3) / 2
 
 
+@pytest.mark.unit
 def test_acc_by_hand() -> None:
     w = np.array([1.0, 3.0])
     clim = np.full((1, 2, 2), 10.0)
@@ -101,6 +107,7 @@ def test_acc_by_hand() -> None:
     assert np.isnan(metrics.acc(clim, truth, clim, w))  # no forecast anomaly: undefined
 
 
+@pytest.mark.unit
 def test_skill_score() -> None:
     np.testing.assert_allclose(metrics.skill_score([1.0, 4.0, 2.0], [4.0, 4.0, 1.0]),
                                [0.75, 0.0, -1.0])
@@ -129,6 +136,7 @@ def _reference_scores(forecast, truth, clim, cell_bounds):
     return rmse, acc
 
 
+@pytest.mark.unit
 def test_metrics_match_a_plain_numpy_implementation_on_a_non_uniform_grid() -> None:
     from pipeline.data.grid import area_weights
 
@@ -152,6 +160,7 @@ def test_metrics_match_a_plain_numpy_implementation_on_a_non_uniform_grid() -> N
     np.testing.assert_allclose(total.mean_acc(), ref_acc, rtol=1e-12)
 
 
+@pytest.mark.unit
 def test_pick_inits_spreads_evenly() -> None:
     picked = pick_inits(100, 24)
     assert picked[0] == 0 and picked[-1] == 99 and len(picked) == 24
@@ -207,6 +216,7 @@ def test_climatology_smoothing_window_and_nearest_day(tiny_store: Path) -> None:
     np.testing.assert_allclose(far, values[edge].mean(axis=0), rtol=1e-12)
 
 
+@pytest.mark.unit
 def test_climatology_window_wraps_around_the_year() -> None:
     keys = np.array([[1, 0], [366, 0], [180, 0]])
     sums = np.array([1.0, 2.0, 3.0]).reshape(3, 1, 1, 1)
@@ -215,6 +225,7 @@ def test_climatology_window_wraps_around_the_year() -> None:
     assert clim.value((180, 0)).item() == pytest.approx(3.0)
 
 
+@pytest.mark.unit
 def test_climatology_groupings() -> None:
     assert climatology.grouping("6h") == "dayofyear_hour"
     assert climatology.grouping("1D") == "dayofyear_hour"
@@ -238,6 +249,7 @@ def _record(channel: str, lead: int, rmse, persistence, clim, hours: float | Non
             "rmse_climatology": clim, "lead_steps": lead, "lead_hours": hours}
 
 
+@pytest.mark.unit
 def test_verdicts_count_per_lead_and_name_channels_without_scores() -> None:
     from pipeline.evaluate.verdict import lead_verdicts
 
@@ -252,6 +264,7 @@ def test_verdicts_count_per_lead_and_name_channels_without_scores() -> None:
     ]
 
 
+@pytest.mark.unit
 def test_verdict_leads_of_monthly_data_and_of_a_multi_step_model() -> None:
     from pipeline.evaluate.verdict import lead_verdict
 

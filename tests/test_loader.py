@@ -16,14 +16,14 @@ import zarr
 from torch.utils.data import DataLoader
 
 from pipeline.config import config_from_dict
-from pipeline.data.batches import THREAD_PREFIX, BatchLoader
 from pipeline.data.dataset import (
     BlockShuffleSampler,
     ForecastDataset,
     consecutive_runs,
     sample_times,
 )
-from pipeline.data.resident import ResidentLoader, ResidentSplit, fits_on, resident_bytes
+from pipeline.data.loading.batches import THREAD_PREFIX, BatchLoader
+from pipeline.data.loading.resident import ResidentLoader, ResidentSplit, fits_on, resident_bytes
 from pipeline.data.store import StoreInfo
 from pipeline.errors import ConfigError, PipelineError, StoreError
 from pipeline.train import checkpoint
@@ -421,7 +421,7 @@ def test_readers_end_on_close(tiny_store: Path, readers: str) -> None:
 def test_plain_loop_trains_bitwise_alike_with_every_loader(tiny_store: Path,
                                                           tmp_path: Path) -> None:
     weights = {}
-    backends = ("threads", "processes", "dataloader", "resident")
+    backends = ("threads", "processes", "resident")
     for backend in backends:
         # batch 16: 11 batches per epoch, so 14 steps cross an epoch boundary; the threads
         # and resident runs also stop at step 6 and resume mid-epoch

@@ -18,6 +18,8 @@ from pipeline.train.loop import train_loop
 from pipeline.train.runtime import local_runtime
 from tests.conftest import run_cli, train_config
 
+pytestmark = pytest.mark.integration
+
 CHANNELS = ("t2m", "msl")
 
 

@@ -6,9 +6,14 @@ prove that the fixture gives the later tests a real multi-node Slurm.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 from pathlib import Path
 
 import pytest
+
+from tests.slurm_cluster import SlurmCluster
 
 pytestmark = pytest.mark.slurm
 
@@ -30,3 +35,30 @@ def test_a_failed_job_cancels_its_afterok_dependent(slurm_cluster) -> None:
                                   "--kill-on-invalid-dep=yes", "--wrap", "true").stdout.strip()
     assert slurm_cluster.wait_job(failing)["ExitCode"] == "3:0"
     assert slurm_cluster.wait_job(dependent)["JobState"] == "CANCELLED"
+
+
+def _processes_naming(conf: Path) -> list[int]:
+    """Live processes whose command line names ``conf``: that cluster's daemons."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):  # ended while we looked
+                if str(conf).encode() in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+    return pids
+
+
+def test_a_start_that_fails_stops_the_daemons_it_started(slurm_cluster, tmp_path: Path) -> None:
+    """A second cluster's slurmctld and slurmd start, but it gets no time to become idle:
+    start() raises and leaves none of its daemons running. (``slurm_cluster`` only makes
+    sure Slurm is installed and munged serves this host.)"""
+    cluster = SlurmCluster(tmp_path)
+    try:
+        with pytest.raises(RuntimeError, match="not idle after 0 s"):
+            cluster.start(timeout=0)
+        assert (tmp_path / "log" / "slurmd-n2.out").is_file()  # all three were started
+        assert cluster.processes == {}
+        assert _processes_naming(cluster.conf) == []
+    finally:
+        for pid in _processes_naming(cluster.conf):  # only if the test failed
+            os.kill(pid, signal.SIGKILL)

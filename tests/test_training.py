@@ -21,7 +21,7 @@ import torch
 import zarr
 
 from pipeline.config import config_from_dict
-from pipeline.data.resident import ResidentSplit
+from pipeline.data.loading.resident import ResidentSplit
 from pipeline.errors import (
     PREEMPTED_EXIT_CODE,
     CheckpointError,
@@ -79,7 +79,7 @@ def test_data_wait_is_the_time_spent_asking_the_loader(tiny_store: Path, tmp_pat
     """A loader that takes 0.1 s a batch: the reported wait holds those seconds, the
     reported rate counts them, and the loss (read only when reported) is unchanged."""
     delay = 0.1
-    plain = config(tiny_store, tmp_path / "plain", max_steps=20, loader="dataloader")
+    plain = config(tiny_store, tmp_path / "plain", max_steps=20, loader="threads")
     train_loop(plain, local_runtime(plain))
     make_loader = Trainer.loader
 
@@ -95,10 +95,13 @@ def test_data_wait_is_the_time_spent_asking_the_loader(tiny_store: Path, tmp_pat
                     time.sleep(delay)
                     yield batch
 
+            def close(self) -> None:
+                batches.close()
+
         return Slow()
 
     monkeypatch.setattr(Trainer, "loader", slow_loader)
-    slow = config(tiny_store, tmp_path / "slow", max_steps=20, loader="dataloader")
+    slow = config(tiny_store, tmp_path / "slow", max_steps=20, loader="threads")
     train_loop(slow, local_runtime(slow))
     for fast_m, slow_m in zip(metrics(plain.run_dir()), metrics(slow.run_dir()), strict=True):
         assert slow_m["train_loss"] == fast_m["train_loss"]

@@ -71,12 +71,34 @@ def test_errors_pickle_with_their_hint() -> None:
     assert err.one_line() == "bad file (fix it)" and isinstance(err, PipelineError)
 
 
-def test_light_modules_do_not_import_heavy_libraries() -> None:
-    code = ("import sys, pipeline.config, pipeline.cli, pipeline.errors;"
-            "heavy = [m for m in ('torch', 'ray', 'dask', 'distributed') if m in sys.modules];"
-            "print(','.join(heavy))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == ""
+HEAVY = ("torch", "ray", "dask", "distributed", "zarr")
+LIGHT = ("pipeline.cli", "pipeline.config", "pipeline.errors", "pipeline.files",
+         "pipeline.slurm", "pipeline.launch", "pipeline.plan", "pipeline.workflows")
+
+
+def _imported_by(modules: tuple[str, ...], then: str = "") -> list[str]:
+    """The HEAVY libraries loaded by a fresh interpreter that imports ``modules`` (and
+    runs ``then``)."""
+    code = "; ".join([f"import sys, {', '.join(modules)}", *([then] if then else []),
+                      f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))"])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120)
+    return [m for m in out.stdout.strip().split(",") if m]
+
+
+@pytest.mark.parametrize("module", LIGHT)
+def test_light_modules_do_not_import_heavy_libraries(module: str) -> None:
+    """The login-node promise: rendering, planning and submitting jobs loads no torch,
+    Ray, Dask or zarr."""
+    assert _imported_by((module,)) == []
+
+
+@pytest.mark.integration
+def test_reading_a_stores_facts_loads_no_torch(tiny_store: Path) -> None:
+    loaded = _imported_by(("pipeline.data.store",),
+                          f"info = pipeline.data.store.StoreInfo({str(tiny_store)!r}); "
+                          "assert info.layout.channels and info.n_time > 0")
+    assert "torch" not in loaded and "ray" not in loaded, loaded
 
 
 def test_a_broken_pipe_other_than_stdout_is_not_hidden(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -23,6 +23,8 @@ from pipeline.train.runtime import local_runtime
 from pipeline.workflows import demo_months, retrain
 from tests.conftest import train_config, write_config
 
+pytestmark = pytest.mark.integration
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -44,7 +46,6 @@ def snapshot(*roots: Path) -> dict[str, tuple[int, int]]:
 # --------------------------------------------------------------------------- warm start
 
 
-@pytest.mark.integration
 def test_warm_start_loads_model_weights_only(tiny_store: Path, tmp_path: Path) -> None:
     source = config_from_dict(train_config(tiny_store, tmp_path / "a", max_steps=20,
                                            val_every=20, checkpoint_every=20))
@@ -72,7 +73,6 @@ def test_warm_start_loads_model_weights_only(tiny_store: Path, tmp_path: Path) -
     assert again.init_from == meta["init_from"]
 
 
-@pytest.mark.integration
 def test_warm_start_across_statistics_but_not_across_models(tiny_store: Path,
                                                             tmp_path: Path) -> None:
     source = config_from_dict(train_config(tiny_store, tmp_path / "a", max_steps=10))
@@ -119,7 +119,6 @@ def retrain_config(tmp_path: Path, raw: Path) -> dict:
     return tree
 
 
-@pytest.mark.integration
 def test_retrain_first_run_noop_then_append_and_warm_start(tiny_raw: Path,
                                                            tmp_path: Path) -> None:
     raw = tmp_path / "raw"
@@ -179,7 +178,6 @@ def test_retrain_first_run_noop_then_append_and_warm_start(tiny_raw: Path,
     assert len(registry.versions()) == 2 and len(registry.decisions()) == 2
 
 
-@pytest.mark.integration
 def test_retrain_bad_input_exits_2_before_any_work(tiny_raw: Path, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     config = write_config(tmp_path / "c.yaml", retrain_config(tmp_path, tiny_raw))
@@ -199,7 +197,6 @@ def test_retrain_bad_input_exits_2_before_any_work(tiny_raw: Path, tmp_path: Pat
 # --------------------------------------------------------------------------- run
 
 
-@pytest.mark.integration
 def test_run_on_ray_then_again_skips_everything_then_retrain_registers_it(
         tiny_raw: Path, tmp_path: Path, ray_session: None,
         capsys: pytest.CaptureFixture[str]) -> None:

@@ -16,6 +16,7 @@ projected grids, whose area weights and solar angles would be wrong on a lat-lon
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import cf_xarray  # noqa: F401 - registers the .cf accessor
@@ -116,23 +117,24 @@ def _match_phony_dims(ds: xr.Dataset, named: list[str], origin: str) -> xr.Datas
     coords = {name: (name, ds[name].values, ds[name].attrs) for names in by_length.values()
               for name in names}
     out = xr.Dataset(coords=coords, attrs=ds.attrs)
-    for name, var in ds.data_vars.items():
-        if name in coords:
+    for var_name, var in ds.data_vars.items():
+        if var_name in coords:
             continue
-        dims = []
+        dims: list[Hashable] = []
         for dim, length in zip(var.dims, var.shape, strict=True):
-            matches = by_length.get(length, []) if str(dim).startswith(PHONY) else [dim]
+            matches: Sequence[Hashable] = (by_length.get(length, []) if str(dim).startswith(PHONY)
+                                       else [dim])
             if len(matches) > 1:
                 raise SourceError(
                     f"{origin}: a plain HDF5 file without dimension scales, and "
-                    f"{' and '.join(sorted(matches))} both have {length} values: which axis of "
-                    f"'{name}' is which cannot be told",
+                    f"{' and '.join(sorted(map(str, matches)))} both have {length} values: "
+                    f"which axis of '{var_name}' is which cannot be told",
                     "attach the axes as HDF5 dimension scales (h5py: "
                     "dset.dims[i].attach_scale) or write the file as NetCDF")
             dims.append(matches[0] if matches else dim)
         renamed = var.variable.copy(deep=False)  # lazy: nothing is read here
         renamed.dims = tuple(dims)
-        out[name] = renamed
+        out[var_name] = renamed
     return out
 
 

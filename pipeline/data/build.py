@@ -92,7 +92,7 @@ def make_plan(cfg: Config) -> BuildPlan:
     scans = scan_sources(cfg.data)
     channels = plan_channels(cfg.data, scans)
     times = time_axis(scans, cfg.data)
-    lat, lon = _coarse_grid(scans[0].lat, scans[0].lon, cfg.data.coarsen)
+    lat, lon = _coarse_grid(*scans[0].grid, cfg.data.coarsen)
     train_mask = _split_mask(times, cfg.data)
     return BuildPlan(data=cfg.data, store_path=os.path.abspath(cfg.data.store), scans=scans,
                      times=times, channels=channels, lat=lat, lon=lon, train_mask=train_mask)
@@ -255,11 +255,12 @@ def check_existing(path: Path, plan: BuildPlan) -> None:
         raise StoreError(f"data.store {path} is an empty directory",
                          "remove it or choose another data.store path")
     group = store.open_group(path)
-    if group.attrs.get("data_hash") != plan.data_hash():
+    attrs = store.attributes(group)
+    if attrs.get("data_hash") != plan.data_hash():
         raise StoreError(f"data.store {path} was built from a different data config "
-                         f"(hash {group.attrs.get('data_hash')}, this config {plan.data_hash()})",
+                         f"(hash {attrs.get('data_hash')}, this config {plan.data_hash()})",
                          "use a new data.store path, or delete the old store to rebuild")
-    recorded = {(s["path"], s["size"], s["mtime"]) for s in group.attrs.get("sources", [])}
+    recorded = {(s["path"], s["size"], s["mtime"]) for s in attrs.get("sources", [])}
     current = {(s["path"], s["size"], s["mtime"]) for s in _provenance(plan)}
     if recorded != current:
         changed = sorted({p for p, _, _ in recorded ^ current})
@@ -392,7 +393,7 @@ def finalise(cfg: Config, plan: BuildPlan) -> None:
     shards' partials unless an append froze them.
     """
     group = store.open_group(plan.store_path, mode="r+")
-    attrs = group.attrs.asdict()
+    attrs = store.attributes(group)
     if attrs.get("complete"):
         return
     done = store.done_flags(group)
@@ -400,7 +401,8 @@ def finalise(cfg: Config, plan: BuildPlan) -> None:
         missing = np.flatnonzero(~done)
         raise StoreError(f"cannot finalise {plan.store_path}: {missing.size} shards not written "
                          f"(first: {int(missing[0])})", "run the missing parts, then finalise again")
-    if group["data"].shape[0] != len(plan.times) or group["time"].shape[0] != len(plan.times):
+    if (store.get_array(group, "data").shape[0] != len(plan.times)
+            or store.get_array(group, "time").shape[0] != len(plan.times)):
         raise StoreError(f"{plan.store_path}: time axis length does not match the data",
                          "delete the store and rebuild")
     version = int(attrs.get("dataset_version", 0)) + 1
@@ -408,7 +410,7 @@ def finalise(cfg: Config, plan: BuildPlan) -> None:
                                "build": {"shards": int(done.size), "done": int(done.sum())},
                                "statistics_frozen": False, "appending": None}
     if not attrs.get("statistics_frozen") or "mean" not in group:
-        partials = np.asarray(group["_build/stats"][:])
+        partials = store.read_array(group, "_build/stats")
         try:
             stats = statistics.finalise(statistics.merge_all(partials))
         except ValueError as err:
@@ -436,7 +438,7 @@ def prepare_append(cfg: Config, plan: BuildPlan) -> bool:
     and that ``--append`` resumes.
     """
     group = store.open_group(plan.store_path, mode="r+")
-    attrs = group.attrs.asdict()
+    attrs = store.attributes(group)
     appending = attrs.get("appending")
     if not attrs.get("complete") and not appending:
         raise StoreError(f"cannot append to {plan.store_path}: its build is not finished",
@@ -445,7 +447,7 @@ def prepare_append(cfg: Config, plan: BuildPlan) -> bool:
     if stored != plan.channels.names:
         raise StoreError(f"append: the config's channels {plan.channels.names} differ from the "
                          f"store's {stored}", "append with the config the store was built from")
-    lat, lon = group["lat"][:], group["lon"][:]
+    lat, lon = store.read_array(group, "lat"), store.read_array(group, "lon")
     if lat.shape != plan.lat.shape or lon.shape != plan.lon.shape or not (
             np.allclose(lat, plan.lat) and np.allclose(lon, plan.lon)):
         raise StoreError(f"append: the new data's grid ({plan.lat.size} x {plan.lon.size}) differs "
@@ -474,14 +476,14 @@ def prepare_append(cfg: Config, plan: BuildPlan) -> bool:
 
 def _extend_arrays(group: Any, plan: BuildPlan, first_shard: int, reset: bool) -> None:
     """Resize data, time and the build arrays; clear the flags of shards to rebuild."""
-    from xarray.coding.times import encode_cf_datetime
-
     n_time = len(plan.times)
     data = group["data"]
     data.resize((n_time, *data.shape[1:]))
     time = group["time"]
     units, calendar = time.attrs["units"], time.attrs.get("calendar", "standard")
-    encoded, _, _ = encode_cf_datetime(np.asarray(plan.times), units, calendar, dtype=np.int64)
+    encoded = xr.coders.CFDatetimeCoder().encode(xr.Variable(
+        "time", np.asarray(plan.times),
+        encoding={"units": units, "calendar": calendar, "dtype": np.int64})).values
     time.resize((n_time,))
     time[:] = encoded
     done, stats = group["_build/done"], group["_build/stats"]
@@ -503,7 +505,7 @@ def _repair(cfg: Config, plan: BuildPlan, workers: int | None, scheduler: str | 
     missing = store.missing_shards(store.data_array(path))
     if not missing:
         return f"{path} is already complete; nothing to do"
-    done = store.open_group(path, mode="r+")["_build/done"]
+    done = store.get_array(store.open_group(path, mode="r+"), "_build/done")
     for shard in missing:
         done[shard] = False
     log.warning("%s has lost %d shard file(s): rebuilding shards %s", path, len(missing),

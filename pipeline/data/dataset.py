@@ -11,9 +11,9 @@ samples at consecutive times needs
 (they share all but one step), decoded straight from the shard files
 (``pipeline.data.shards``) or, for other layouts, through zarr: no dask and no xarray
 on the hot path. The store is opened lazily in each process, so DataLoader workers
-(forked or spawned) each get their own handle. ``pipeline.data.batches.BatchLoader``
+(forked or spawned) each get their own handle. ``pipeline.data.loading.batches.BatchLoader``
 reads batches with reader threads or processes into reused (pinned) batch buffers;
-``pipeline.data.resident`` keeps a whole split in the device's memory instead.
+``pipeline.data.loading.resident`` keeps a whole split in the device's memory instead.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import zarr
 from torch.utils.data import Dataset, Sampler
-from zarr.core.buffer import default_buffer_prototype
+from zarr.buffer import default_buffer_prototype
 
 from pipeline.data import store
 from pipeline.data.shards import ShardFiles
@@ -67,7 +67,7 @@ class ForecastDataset(Dataset):
     """Normalised (inputs, target forcings, targets) samples of one split of a store.
 
     :meth:`read_run_into` writes a run of samples into arrays the caller owns (the batch
-    buffers of ``pipeline.data.batches.BatchLoader``); ``__getitems__`` and ``__getitem__``
+    buffers of ``pipeline.data.loading.batches.BatchLoader``); ``__getitems__`` and ``__getitem__``
     allocate them (the DataLoader path). All give bitwise the same values.
     """
 

@@ -47,16 +47,17 @@ class ShardFiles:
     """Whole steps of a data array shaped (time, ...) in the layout above; made by
     :meth:`of` only for that layout."""
 
-    def __init__(self, array: zarr.Array, codec: Any | None, checksum: bool, complete: bool):
-        self._store = Path(array.store.root)
+    def __init__(self, array: zarr.Array, store: LocalStore, codec: Any | None, checksum: bool,
+                 complete: bool):
+        self._store = Path(store.root)
         self._root = self._store / array.path
         self._codec = codec  # numcodecs compressor, or None for no compression
         self._checksum = checksum  # each step's bytes end with their CRC32C
         self._complete = complete  # a missing shard file is an error, not the fill value
         self._metadata = array.metadata
         self._step_shape = tuple(array.shape[1:])
-        self._shard_steps = array.metadata.chunk_grid.chunk_shape[0]
-        self._fill = np.float32(array.metadata.fill_value)
+        self._shard_steps = int((array.shards or array.chunks)[0])
+        self._fill = np.float32(array.fill_value)
         self._index_bytes = 16 * self._shard_steps + 4  # (offset, length) per step, CRC32C
         self._crc = numcodecs.CRC32C(location="end")
 
@@ -64,8 +65,9 @@ class ShardFiles:
     def of(cls, array: zarr.Array, complete: bool = False) -> ShardFiles | None:
         """The shard files of ``array`` if it has the layout this pipeline writes, else None.
         ``complete``: the array is a finished store's, so every shard file must exist."""
-        meta = array.metadata
-        if (not isinstance(array.store, LocalStore) or sys.byteorder != "little"
+        meta: Any = array.metadata  # its class is private to zarr; checked field by field
+        store = array.store
+        if (not isinstance(store, LocalStore) or sys.byteorder != "little"
                 or getattr(meta, "zarr_format", None) != 3 or np.dtype(array.dtype) != np.float32
                 or len(meta.codecs) != 1 or not isinstance(meta.codecs[0], zarr.codecs.ShardingCodec)):
             return None
@@ -84,15 +86,15 @@ class ShardFiles:
         checksum = isinstance(inner[-1], zarr.codecs.Crc32cCodec)
         inner = inner[:-1] if checksum else inner
         if len(inner) == 1:
-            return cls(array, None, checksum, complete)
+            return cls(array, store, None, checksum, complete)
         compressor = inner[1]
         if len(inner) == 2 and isinstance(compressor, zarr.codecs.BloscCodec):
-            return cls(array, numcodecs.Blosc(
+            return cls(array, store, numcodecs.Blosc(
                 cname=compressor.cname.value, clevel=compressor.clevel,
                 shuffle=_BLOSC_SHUFFLE[compressor.shuffle.value], blocksize=compressor.blocksize),
                 checksum, complete)
         if len(inner) == 2 and isinstance(compressor, zarr.codecs.ZstdCodec):
-            return cls(array, numcodecs.Zstd(level=compressor.level, checksum=compressor.checksum),
+            return cls(array, store, numcodecs.Zstd(level=compressor.level, checksum=compressor.checksum),
                        checksum, complete)
         return None
 
@@ -132,7 +134,7 @@ class ShardFiles:
             raise
 
     def _encode(self, step: np.ndarray) -> Any:
-        return memoryview(step).cast("B") if self._codec is None else self._codec.encode(step)
+        return step.data.cast("B") if self._codec is None else self._codec.encode(step)
 
     # ------------------------------------------------------------------ reading
 
@@ -180,7 +182,7 @@ class ShardFiles:
         """Step ``t`` (``length`` bytes at the file's position) into ``step``."""
         tail = 4 if self._checksum else 0
         if self._codec is None:
-            if length != step.nbytes + tail or f.readinto(memoryview(step).cast("B")) != step.nbytes:
+            if length != step.nbytes + tail or f.readinto(step.data.cast("B")) != step.nbytes:
                 raise StoreError(f"shard {path} holds a step of the wrong size", REBUILD)
             self._check(step.view(np.uint8).reshape(-1), f.read(tail), path, t)
             return

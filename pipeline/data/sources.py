@@ -59,6 +59,13 @@ class SourceScan:
     lon: np.ndarray | None = None
     level_dim: str = LEVEL  # data.level_dim, for opening its files again
 
+    @property
+    def grid(self) -> tuple[np.ndarray, np.ndarray]:
+        """(lat, lon) of the source, which its first file sets while it is scanned."""
+        if self.lat is None or self.lon is None:
+            raise RuntimeError(f"source {self.source.path}: grid read before its first file")
+        return self.lat, self.lon
+
     def time_invariant(self) -> list[str]:
         """Variables without a time dimension: the static fields this source can give."""
         return [name for name, dims in self.variables.items()
@@ -235,10 +242,11 @@ def _check_grid(scan: SourceScan, ds: xr.Dataset, path: str) -> None:
     if scan.lat is None:
         scan.lat, scan.lon = lat, lon
         return
-    if not _same_axis(lat, scan.lat) or not _same_axis(lon, scan.lon):
+    first_lat, first_lon = scan.grid
+    if not _same_axis(lat, first_lat) or not _same_axis(lon, first_lon):
         raise SourceError(
             f"grid of {path} ({lat.size} x {lon.size}) differs from the first file of its source "
-            f"({scan.lat.size} x {scan.lon.size})",
+            f"({first_lat.size} x {first_lon.size})",
             "all files must share one grid; regrid them first or split them into separate runs")
 
 
@@ -267,11 +275,13 @@ def scan_sources(cfg: Data) -> list[SourceScan]:
     """Scan every source and check that all of them share one grid."""
     scans = [scan_source(src, cfg) for src in cfg.sources]
     first = scans[0]
+    first_lat, first_lon = first.grid
     for scan in scans[1:]:
-        if not (_same_axis(scan.lat, first.lat) and _same_axis(scan.lon, first.lon)):
+        lat, lon = scan.grid
+        if not (_same_axis(lat, first_lat) and _same_axis(lon, first_lon)):
             raise SourceError(
-                f"grid of source '{scan.source.path}' ({scan.lat.size} x {scan.lon.size}) differs "
-                f"from source '{first.source.path}' ({first.lat.size} x {first.lon.size})",
+                f"grid of source '{scan.source.path}' ({lat.size} x {lon.size}) differs "
+                f"from source '{first.source.path}' ({first_lat.size} x {first_lon.size})",
                 "all sources must share one grid")
     return scans
 

@@ -23,12 +23,13 @@ import os
 import warnings
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import xarray as xr
 import zarr
 import zarr.codecs
+from zarr.storage import LocalStore
 
 from pipeline.data.layout import MISSING_ABOVE, Layout
 from pipeline.data.shards import REBUILD, ShardFiles
@@ -96,7 +97,7 @@ def create(path: Path, template: xr.Dataset, shard_size: int, codec: tuple[Any, 
     stats[:] = np.broadcast_to(empty(n_channels), stats.shape)
 
 
-def open_group(path: str | Path, mode: str = "r") -> zarr.Group:
+def open_group(path: str | Path, mode: Literal["r", "r+"] = "r") -> zarr.Group:
     """Open a pipeline store's group, with a clear error if it is not one."""
     path = Path(path)
     if not path.exists():
@@ -105,7 +106,7 @@ def open_group(path: str | Path, mode: str = "r") -> zarr.Group:
     if not is_pipeline_store(path):
         raise StoreError(f"{path} is not a training store written by pipeline",
                          "point data.store at a store built by `pipeline preprocess`")
-    return zarr.open_group(str(path), mode=mode)  # type: ignore[arg-type]
+    return zarr.open_group(str(path), mode=mode)
 
 
 def open_complete(path: str | Path) -> zarr.Group:
@@ -137,6 +138,25 @@ def data_array(path: str | Path) -> zarr.Array:
                          ) from None
 
 
+def get_array(group: zarr.Group, name: str) -> zarr.Array:
+    """The array ``name`` of a store's group (the layout above), as a typed ``zarr.Array``."""
+    node = group[name]
+    if not isinstance(node, zarr.Array):
+        raise StoreError(f"training store {group.store_path}: {name} is a group, not an array",
+                         "rebuild the store: delete it and rerun `pipeline preprocess CONFIG`")
+    return node
+
+
+def attributes(group: zarr.Group) -> dict[str, Any]:
+    """The group's attributes: JSON values, each of whatever type the writer gave it."""
+    return group.attrs.asdict()
+
+
+def read_array(group: zarr.Group, name: str) -> np.ndarray:
+    """All of the array ``name`` of a store's group."""
+    return np.asarray(get_array(group, name)[:])
+
+
 def shard_steps(array: zarr.Array) -> int:
     """Time steps per shard file of ``array``."""
     return int((array.shards or array.chunks)[0])
@@ -144,8 +164,11 @@ def shard_steps(array: zarr.Array) -> int:
 
 def shard_path(array: zarr.Array, shard: int) -> Path:
     """The file of shard ``shard`` of a local ``data`` array (steps along time only)."""
+    store = array.store
+    if not isinstance(store, LocalStore):
+        raise TypeError(f"shard files are local: {array} is in a {type(store).__name__}")
     key = array.metadata.encode_chunk_key((shard, *[0] * (array.ndim - 1)))
-    return Path(array.store.root) / array.path / key
+    return Path(store.root) / array.path / key
 
 
 def missing_shards(array: zarr.Array) -> list[int]:
@@ -156,7 +179,8 @@ def missing_shards(array: zarr.Array) -> list[int]:
 
 def has_checksums(array: zarr.Array) -> bool:
     """Whether each chunk of ``array`` ends with a CRC32C (format 2 stores)."""
-    inner = getattr(array.metadata.codecs[0], "codecs", array.metadata.codecs)
+    meta: Any = array.metadata  # zarr's v3 metadata class is private
+    inner = getattr(meta.codecs[0], "codecs", meta.codecs)
     return any(isinstance(c, zarr.codecs.Crc32cCodec) for c in inner)
 
 
@@ -171,7 +195,7 @@ class DataReader:
 
     def __getitem__(self, key: Any) -> np.ndarray:
         try:
-            return self.array[key]
+            return np.asarray(self.array[key])
         except (ValueError, RuntimeError) as err:
             damaged = self._damaged_step(key)
             if damaged is None:
@@ -221,7 +245,7 @@ def verify(path: str | Path) -> tuple[list[str], bool]:
 
 def done_flags(group: zarr.Group) -> np.ndarray:
     """Which shards have been written (and their statistics recorded)."""
-    return np.asarray(group["_build/done"][:], dtype=bool)
+    return np.asarray(read_array(group, "_build/done"), dtype=bool)
 
 
 def write_shard(path: str | Path, shard: int, t0: int, block: np.ndarray, partial: np.ndarray) -> None:
@@ -234,14 +258,14 @@ def write_shard(path: str | Path, shard: int, t0: int, block: np.ndarray, partia
     # never all NaN (the NaN policy rejects or fills NaNs)
     with zarr.config.set({"array.write_empty_chunks": True}):
         group = zarr.open_group(str(path), mode="r+")
-        data = group["data"]
+        data = get_array(group, "data")
     files = ShardFiles.of(data)
     if files is not None:
         files.write(shard, block)
     else:
         data[t0:t0 + block.shape[0]] = block
-    group["_build/stats"][shard] = partial
-    group["_build/done"][shard] = True
+    get_array(group, "_build/stats")[shard] = partial
+    get_array(group, "_build/done")[shard] = True
 
 
 def write_statistics(group: zarr.Group, stats: dict[str, np.ndarray],
@@ -272,21 +296,21 @@ def update_attrs(path: str | Path, **values: Any) -> None:
 
 def statistics(group: zarr.Group) -> dict[str, np.ndarray]:
     """The stored statistics by name (float64 arrays over channels)."""
-    return {name: np.asarray(group[name][:], dtype=np.float64) for name in STAT_NAMES}
+    return {name: np.asarray(read_array(group, name), dtype=np.float64) for name in STAT_NAMES}
 
 
 def channel_names(group: zarr.Group) -> list[str]:
-    return [str(c) for c in group["channel"][:]]
+    return [str(c) for c in read_array(group, "channel")]
 
 
 def summary(path: str | Path) -> str:
     """A human-readable description of a store (``pipeline inspect``)."""
     group = open_group(path)
-    attrs = group.attrs.asdict()
-    data = group["data"]
+    attrs = attributes(group)
+    data = get_array(group, "data")
     done = done_flags(group)
     channels = channel_names(group)
-    roles = [str(r) for r in group["channel_role"][:]]
+    roles = [str(r) for r in read_array(group, "channel_role")]
     lines = [
         f"store      {os.path.abspath(path)}",
         f"status     {'complete' if attrs.get('complete') else 'INCOMPLETE'}: "
@@ -315,7 +339,7 @@ def summary(path: str | Path) -> str:
             continue
         values = "".join(f"{stats[k][i]:>12.5g}" for k in ("mean", "std", "min", "max"))
         lines.append(f"  {name:<{wide}}{role:<{role_wide}}{values}")
-    static = [str(c) for c in group["static_channel"][:]]
+    static = [str(c) for c in read_array(group, "static_channel")]
     lines.append(f"static     {', '.join(static) or 'none'}")
     lines.append(f"sources    {len(attrs.get('sources', []))} files; config hash "
                  f"{attrs.get('config_hash')}; created {attrs.get('created')}, updated "
@@ -329,19 +353,20 @@ class StoreInfo:
     def __init__(self, path: str | os.PathLike[str]):
         self.path = os.path.abspath(path)
         group = open_complete(self.path)
-        self.attrs = group.attrs.asdict()
+        self.attrs = attributes(group)
         channels = channel_names(group)
         derived = self.attrs.get("config", {}).get("data", {}).get("derived", [])
-        self.layout = Layout.from_roles(channels, [str(r) for r in group["channel_role"][:]],
+        roles = [str(r) for r in read_array(group, "channel_role")]
+        self.layout = Layout.from_roles(channels, roles,
                                         {d["name"]: list(d["inputs"]) for d in derived})
-        self.n_time = int(group["data"].shape[0])
-        self.lat = np.asarray(group["lat"][:], dtype=np.float64)
-        self.lon = np.asarray(group["lon"][:], dtype=np.float64)
-        self.area_weight = np.asarray(group["area_weight"][:], dtype=np.float64)
+        self.n_time = int(get_array(group, "data").shape[0])
+        self.lat = np.asarray(read_array(group, "lat"), dtype=np.float64)
+        self.lon = np.asarray(read_array(group, "lon"), dtype=np.float64)
+        self.area_weight = np.asarray(read_array(group, "area_weight"), dtype=np.float64)
         self.stats = statistics(group)
-        self.static = np.asarray(group["static"][:], dtype=np.float32)
-        self.static_mean = np.asarray(group["static_mean"][:], dtype=np.float64)
-        self.static_std = np.asarray(group["static_std"][:], dtype=np.float64)
+        self.static = np.asarray(read_array(group, "static"), dtype=np.float32)
+        self.static_mean = np.asarray(read_array(group, "static_mean"), dtype=np.float64)
+        self.static_std = np.asarray(read_array(group, "static_std"), dtype=np.float64)
 
     @property
     def dataset_version(self) -> int:

@@ -143,7 +143,7 @@ def channel_attributes(cfg: Data, plan: ChannelPlan,
     for var in cfg.variable_specs():
         attrs = dict(found.get(var.name, {}))
         level_units = attrs.pop("level_units", "")
-        for lev in var.levels or [None]:
+        for lev in var.levels or (None,):
             channel = var.name if lev is None else level_channel(var.name, lev)
             item = dict(attrs)
             if lev is not None:
@@ -221,7 +221,8 @@ def add_derived(channels: dict[str, xr.DataArray], cfg: Data) -> dict[str, xr.Da
             if len(inputs) != 2:
                 raise SourceError(f"derived '{d.name}': wind_speed takes 2 inputs (u, v)",
                                   "fix data.derived[].inputs")
-            out[d.name] = np.hypot(inputs[0], inputs[1])
+            # numpy's stubs do not know __array_ufunc__: of DataArrays, a DataArray
+            out[d.name] = np.hypot(inputs[0], inputs[1])  # type: ignore[assignment]
         elif d.function == "difference":
             if len(inputs) != 2:
                 raise SourceError(f"derived '{d.name}': difference takes 2 inputs",

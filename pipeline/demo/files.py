@@ -32,8 +32,9 @@ def _compress(spec: DemoSpec) -> bool:
 
 def _encoding(ds: xr.Dataset, compress: bool) -> dict[str, dict]:
     """netCDF4 encodings: no fill values; zlib and per-step chunks only when compressing."""
-    enc: dict[str, dict] = {name: {"_FillValue": None} for name in ds.coords}
-    for name, var in ds.data_vars.items():
+    enc: dict[str, dict] = {str(name): {"_FillValue": None} for name in ds.coords}
+    for key, var in ds.data_vars.items():
+        name = str(key)
         enc[name] = {"dtype": "float32", "_FillValue": None}
         if compress:
             chunks = tuple(1 if d == "time" else var.sizes[d] for d in var.dims)

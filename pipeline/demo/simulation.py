@@ -197,8 +197,9 @@ class _Model:
         shape = (len(spec.levels) + 1, self.grid.ny, self.grid.nx)
         self.state = np.zeros(shape)
         self.dj, self.di = np.zeros(shape), np.zeros(shape)             # departure offsets
-        self._work = [np.empty(shape) for _ in range(4)] + [np.empty(shape, np.intp)
-                                                           for _ in range(2)]
+        # float buffers wj, wi, a, b and index buffers j0, i0 (_advect)
+        self._floats = tuple(np.empty(shape) for _ in range(4))
+        self._indices = tuple(np.empty(shape, np.intp) for _ in range(2))
         self.hours = math.nan
 
     @property
@@ -282,7 +283,7 @@ class _Model:
         (rows, columns; longitude wraps). Works in place on preallocated buffers, because
         fresh 3-D temporaries cost as much as the arithmetic."""
         ny, nx = self.grid.ny, self.grid.nx
-        wj, wi, a, b, j0, i0 = self._work
+        (wj, wi, a, b), (j0, i0) = self._floats, self._indices
         width = nx + 1                                    # one wrapped column: i0 + 1 is valid
         padded = np.concatenate([f, f[..., :1]], axis=-1).ravel()
         np.add(self.j_idx, self.dj, out=wj)

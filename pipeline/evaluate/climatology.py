@@ -184,7 +184,7 @@ def compute(path: str, times: Any, first: int, last: int, channels: list[int],
         groups = inverse[start - first: stop - first]
         for g in np.unique(groups):
             sums[g] += values[groups == g].sum(axis=0)
-            if ok is not None:
+            if ok is not None and valid_counts is not None:  # both set, or neither
                 valid_counts[g] += ok[groups == g].sum(axis=0)
     return Climatology(by, unique, sums, counts, list(names), window, year_length(index),
                        valid_counts)

@@ -139,10 +139,11 @@ def score(model: rollout.Forecaster, dataset: ForecastDataset, inits: np.ndarray
         sums["climatology"] += ScoreSums.of_chunk(clim_values, truth, clim_values, w, valid)
         if sample is None and plot_channels:
             pick = [names.index(c) for c in plot_channels]
-            shown = [np.where(valid[0, -1, pick], x, np.nan) if valid is not None else x
-                     for x in (forecast[0, -1, pick], truth[0, -1, pick])]
+            shown_forecast, shown_truth = (
+                np.where(valid[0, -1, pick], x, np.nan) if valid is not None else x
+                for x in (forecast[0, -1, pick], truth[0, -1, pick]))
             sample = MapSample(time_label(info.times[int(t0[0])]), leads[-1], list(plot_channels),
-                               *shown, info.lat, info.lon,
+                               shown_forecast, shown_truth, info.lat, info.lon,
                                {c: units(info, c) for c in plot_channels})
         log.info("scored %d init times", sums["model"].count)
     return Scores(list(leads), names, sums, sample)

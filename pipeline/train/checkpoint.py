@@ -64,7 +64,8 @@ def _save_state(state: dict[str, Any], path: Path) -> None:
     with open(path, "wb") as handle:
         target = _StateFile(handle, path)
         try:
-            torch.save(state, target)
+            # torch.save writes through write() and flush() only; its type names IO[bytes]
+            torch.save(state, target)  # type: ignore[arg-type]
         except RuntimeError as err:
             if target.failed is None:
                 raise
@@ -190,7 +191,10 @@ def export(folder: Path, target: Path) -> None:
 
 def rng_state() -> dict[str, Any]:
     """Python, numpy and torch RNG states in types that ``weights_only`` loading accepts."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = np.random.get_state(legacy=True)
+    if not isinstance(state, tuple):  # a dict only for a generator other than MT19937
+        raise TypeError(f"numpy's global RNG is not MT19937: {state['bit_generator']}")
+    name, keys, pos, has_gauss, cached = state
     return {
         "python": list(random.getstate()[1]),
         "python_version": random.getstate()[0],

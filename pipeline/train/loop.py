@@ -26,12 +26,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from pipeline.config import Config, config_hash, resolved_dict
-from pipeline.data.batches import BatchLoader
 from pipeline.data.dataset import BlockShuffleSampler, ForecastDataset
-from pipeline.data.resident import ResidentLoader, ResidentSplit, fits_on, resident_bytes
+from pipeline.data.loading import BatchSource, open_loaders
+from pipeline.data.loading.resident import ResidentSplit
 from pipeline.data.store import StoreInfo
 from pipeline.errors import CheckpointError, PipelineError, RanksStopped, TrainingError
 from pipeline.plan import local_plan
@@ -296,13 +295,13 @@ class Trainer:
             sums[0] += n * float(area_weighted_mse(pred, target, self.lat_w, self.channel_w, valid))
             sums[1] += n * float(area_weighted_mse(last, target, self.lat_w, self.channel_w, valid))
             sums[2] += n
-            err, scored = channel_mse(pred, target, self.lat_w, valid)
-            sums[3:3 + n_out] += err.double().cpu().numpy()
+            squared, scored = channel_mse(pred, target, self.lat_w, valid)
+            sums[3:3 + n_out] += squared.double().cpu().numpy()
             sums[3 + n_out:] += scored.double().cpu().numpy()
         sums = np.asarray(self.rt.stop_together(error, sums.tolist()))
         n = max(sums[2], 1.0)
-        scored = sums[3 + n_out:]
-        mse = np.where(scored > 0, sums[3:3 + n_out] / np.maximum(scored, 1.0), np.nan)
+        counts = sums[3 + n_out:]
+        mse = np.where(counts > 0, sums[3:3 + n_out] / np.maximum(counts, 1.0), np.nan)
         rmse = np.sqrt(mse) * std[list(out)]
         names = self.info.layout.output_names
         return {"val_loss": float(sums[0] / n), "val_loss_persistence": float(sums[1] / n),
@@ -310,42 +309,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def keeps_resident(self) -> bool:
-        """Whether the training and validation splits are kept in the device's memory, as
-        the plan says; ``if_fits`` (train.resident auto on a GPU) measures the GPU."""
-        setting = self.plan.resident
-        if setting != "if_fits":
-            return bool(setting)
-        fits = fits_on(self.rt.device, resident_bytes(self.train_set) + resident_bytes(self.val_set))
-        # all ranks or none: the ranks read the splits together (ResidentSplit), and one
-        # GPU may have less memory free than the others
-        return self.rt.on_every_rank(fits)
-
-    def loader(self) -> DataLoader | BatchLoader | ResidentLoader:
-        t = self.cfg.train
-        workers, backend = self.plan.loader_workers, self.plan.loader
-        if self.keeps_resident():
-            # the ranks share the reads (each reads every world_size-th shard)
-            ranks = (self.rt.rank, self.rt.world_size) if self.rt.in_group else (0, 1)
-            split = ResidentSplit(self.train_set, self.rt.device, workers, *ranks)
-            self.val_split = ResidentSplit(self.val_set, self.rt.device, workers, *ranks)
-            if self.rt.rank == 0:
-                log.info("train and val splits kept in %s memory: %d + %d steps, %.2f GiB, "
-                         "read in %.1f s (%d of their shards by this rank)", self.rt.device,
-                         split.steps.shape[0], self.val_split.steps.shape[0],
-                         (split.nbytes + self.val_split.nbytes) / 2**30,
-                         split.load_seconds + self.val_split.load_seconds,
-                         split.shards_read + self.val_split.shards_read)
-            return ResidentLoader(split, self.sampler, t.batch_size)
-        if backend in ("threads", "processes"):
-            on_device = t.assemble_on_device and self.rt.device.type == "cuda"
-            return BatchLoader(self.train_set, self.sampler, t.batch_size, workers,
-                               t.prefetch_factor, self.rt.device, on_device, readers=backend)
-        return DataLoader(self.train_set, batch_size=t.batch_size, sampler=self.sampler,
-                          num_workers=workers, pin_memory=self.rt.device.type == "cuda",
-                          persistent_workers=workers > 0,
-                          prefetch_factor=t.prefetch_factor if workers > 0 else None,
-                          drop_last=True)
+    def loader(self) -> BatchSource:
+        """The training batches as the plan says (``pipeline.data.loading``); the val
+        split too when the splits are kept in memory."""
+        t, rt = self.cfg.train, self.rt
+        ranks = (rt.rank, rt.world_size) if rt.in_group else (0, 1)
+        loaders = open_loaders(self.plan, self.train_set, self.val_set, self.sampler,
+                               t.batch_size, t.prefetch_factor, t.assemble_on_device,
+                               rt.device, *ranks, on_every_rank=rt.on_every_rank)
+        self.val_split = loaders.val_split
+        return loaders.train
 
     def run(self) -> dict[str, Any]:
         """Train until max_steps, early stopping, or a stop request; return final metrics."""
@@ -356,13 +329,12 @@ class Trainer:
         try:
             return self._run(loader)
         finally:
-            if isinstance(loader, BatchLoader | ResidentLoader):
-                loader.close()  # stops the readers or frees the split, also on an exception
+            loader.close()  # stops the readers or frees the split, also on an exception
             if self.val_split is not None:
                 self.val_split.release()
                 self.val_split = None
 
-    def _run(self, loader: DataLoader | BatchLoader | ResidentLoader) -> dict[str, Any]:
+    def _run(self, loader: BatchSource) -> dict[str, Any]:
         t, p = self.cfg.train, self.progress
         last: dict[str, Any] = {}
         window = Window()
@@ -399,7 +371,7 @@ class Trainer:
                 p.batch_in_epoch = 0
         return last
 
-    def _batches(self, loader: DataLoader | BatchLoader | ResidentLoader) -> Iterator[Any]:
+    def _batches(self, loader: BatchSource) -> Iterator[Any]:
         """The loader's batches of this epoch; a user error reading one (a damaged shard)
         stops every rank before the step's collectives, where the others would wait for
         this rank (:meth:`Runtime.stop_together`, once per batch with several ranks)."""

@@ -242,7 +242,8 @@ def build_model(cfg: Model, in_channels: int, out_channels: int, grid: tuple[int
     if builder is None:
         allowed = " or ".join(repr(name) for name in _BUILDERS)
         raise ConfigError(f"unknown model.arch {cfg.arch!r}", f"use {allowed}")
-    return builder(cfg, in_channels, out_channels, tuple(grid), periodic_lon)
+    n_lat, n_lon = grid
+    return builder(cfg, in_channels, out_channels, (n_lat, n_lon), periodic_lon)
 
 
 def area_weighted_mse(pred: torch.Tensor, target: torch.Tensor, lat_weights: torch.Tensor,

@@ -72,7 +72,9 @@ class OneNodeTorchBackend(_TorchBackend):
         super().__init__()
         self._folder: str | None = None
 
-    def on_start(self, worker_group: Any, backend_config: TorchConfig) -> None:
+    # Ray's _TorchBackend narrows Backend's BackendConfig argument to TorchConfig itself
+    def on_start(self, worker_group: Any,  # type: ignore[override]
+                 backend_config: TorchConfig) -> None:
         if len(set(worker_group.execute(_node_id))) > 1:
             super().on_start(worker_group, backend_config)
             return
@@ -84,7 +86,8 @@ class OneNodeTorchBackend(_TorchBackend):
             rank, _join_by_file, store_path=store, backend=backend_config.backend,
             world_size=size, timeout_s=backend_config.timeout_s) for rank in range(size)])
 
-    def on_shutdown(self, worker_group: Any, backend_config: TorchConfig) -> None:
+    def on_shutdown(self, worker_group: Any,  # type: ignore[override]
+                    backend_config: TorchConfig) -> None:
         try:
             super().on_shutdown(worker_group, backend_config)
         finally:

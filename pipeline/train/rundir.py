@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,72 @@ from pipeline import files
 from pipeline.config import Config, resolved_dict
 from pipeline.errors import ConfigError, PipelineError
 
-CONFIG_FILE = "config.yaml"
-LOCK_FILE = ".lock"
+
+@dataclass(frozen=True)
+class RunFiles:
+    """Where each file of a run directory lives: the one place their names are written
+    (``docs/design.md``, "The run directory"). A registered model version holds the same
+    ``config.yaml``, ``best/`` and ``eval/metrics.json``."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def plan(self) -> Path:
+        return self.root / "plan.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def progress(self) -> Path:
+        return self.root / "progress.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def best(self) -> Path:
+        return self.root / "best"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def eval_metrics(self) -> Path:
+        return self.root / "eval" / "metrics.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "eval" / "report.html"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
+
+    @property
+    def ray_token(self) -> Path:
+        return self.root / ".ray_token"
+
+    @property
+    def stop_request(self) -> Path:
+        """The driver asks the workers."""
+        return self.root / "STOP"
+
+    @property
+    def user_error(self) -> Path:
+        """A worker's, for the driver."""
+        return self.root / ".user-error.json"
+
+    @property
+    def slurm_logs(self) -> Path:
+        return self.root / "slurm"
 
 # The one list of config keys a resume may change (a key, or a section ending in ".").
 MAY_CHANGE_ON_RESUME = (
@@ -93,7 +158,7 @@ def has_checkpoints(run_dir: Path) -> bool:
 def check_resume(cfg: Config, run_dir: Path) -> None:
     """Refuse to resume a run that has checkpoints with a config that differs from its
     ``config.yaml`` in a key outside :data:`MAY_CHANGE_ON_RESUME`."""
-    path = run_dir / CONFIG_FILE
+    path = RunFiles(run_dir).config
     if not has_checkpoints(run_dir) or not path.is_file():
         return
     stored = yaml.safe_load(path.read_text()) or {}
@@ -115,13 +180,13 @@ def run_writer(cfg: Config) -> Iterator[Path]:
     run_dir = cfg.run_dir()
     with contextlib.ExitStack() as stack:
         try:
-            stack.enter_context(files.file_lock(run_dir / LOCK_FILE, wait=False))
+            stack.enter_context(files.file_lock(RunFiles(run_dir).lock, wait=False))
         except files.Locked as err:
             raise RunBusy(f"run {run_dir} is being trained by another process "
                           f"({err.holder or 'holder unknown'})",
                           "wait for it to finish, or train under another run name "
                           "(--set name=...)") from None
         check_resume(cfg, run_dir)
-        files.atomic_write(run_dir / CONFIG_FILE,
+        files.atomic_write(RunFiles(run_dir).config,
                            yaml.safe_dump(resolved_dict(cfg), sort_keys=False))
         yield run_dir

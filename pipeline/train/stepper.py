@@ -21,6 +21,11 @@ class Stepper(nn.Module):
     one-step change (``tendency_scale``), which is added to the last input state.
     """
 
+    outputs: torch.Tensor  # buffers (register_buffer), declared for the type checker
+    forcings: torch.Tensor
+    static: torch.Tensor
+    scale: torch.Tensor
+
     def __init__(self, net: nn.Module, outputs: list[int], forcings: list[int],
                  static: torch.Tensor, tendency_scale: torch.Tensor, predict_tendency: bool):
         super().__init__()

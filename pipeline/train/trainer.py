@@ -246,7 +246,7 @@ def _train_locked(cfg: Config, plan: ExecutionPlan, address: str | None,
             signal.signal(sig, handler)
 
 
-def start_local_ray(run_dir: Path, num_cpus: int, log_to_driver: bool = True) -> None:
+def start_local_ray(run_dir: Path, num_cpus: int | None, log_to_driver: bool = True) -> None:
     """Start this process's own one-node Ray as ``pipeline train`` does (the tests'
     ``ray_session`` too): a token of its own in ``run_dir`` and servers on loopback only
     (:func:`pipeline.ray_security.secure_local_ray`). Ray's helpers (Ray Train's

@@ -2,7 +2,7 @@
 by indexing: the loader for stores whose split fits (``train.resident``).
 
 Every epoch reads and decompresses the same steps again through the streaming loaders
-(``pipeline.data.batches``), and on a GPU that bounds training: the readers deliver
+(``pipeline.data.loading.batches``), and on a GPU that bounds training: the readers deliver
 fewer samples per second than the GPU consumes (docs/benchmarks.md). A 1.5-degree
 store with 61 channels is 7 MB per step, 10 GB per year of 6-hourly steps: a few years
 fit beside the model on an 80 GB GPU. ``ResidentSplit`` reads the steps that the split's
@@ -94,7 +94,7 @@ class ResidentSplit:
         self.load_seconds = time.perf_counter() - started
         self._history = torch.arange(dataset.history, device=device) - (dataset.history - 1)
         self._leads = dataset.lead * torch.arange(1, dataset.rollout + 1, device=device)
-        self._rows = torch.from_numpy(dataset.times - self.first).to(device)
+        self._sample_rows = torch.from_numpy(dataset.times - self.first).to(device)
         self._out: dict[str, torch.Tensor] = {}  # the batch buffers, reused (see batch)
 
     def release(self) -> None:
@@ -105,7 +105,7 @@ class ResidentSplit:
     def nbytes(self) -> int:
         return self.steps.numel() * self.steps.element_size()
 
-    def _rows(self, span: tuple[int, int]) -> torch.Tensor:
+    def _span_rows(self, span: tuple[int, int]) -> torch.Tensor:
         """The steps of the time indices ``[lo, hi)``: a view of ``self.steps``."""
         return self.steps[span[0] - self.first:span[1] - self.first]
 
@@ -139,7 +139,7 @@ class ResidentSplit:
             raise RanksStopped(None, failed, f"could not hold or read its shards of the "
                                              f"{self.dataset.split} split")
         for k, span in enumerate(spans):
-            dist.broadcast(self._rows(span), src=k % world_size)
+            dist.broadcast(self._span_rows(span), src=k % world_size)
 
     def _failed_ranks(self, failed: bool, rank: int, world_size: int) -> list[int]:
         """The ranks that failed to allocate the split or read its shards: a collective
@@ -173,7 +173,7 @@ class ResidentSplit:
     def _place(self, span: tuple[int, int], values: np.ndarray) -> None:
         """Put a span's raw steps in place (on the CPU they were read there) and
         normalise them."""
-        rows = self._rows(span)
+        rows = self._span_rows(span)
         if self.device.type != "cpu":
             rows.copy_(torch.from_numpy(values))
         self.dataset.normalise_(rows)
@@ -185,7 +185,7 @@ class ResidentSplit:
         batch reuses: like the batch loader's, a batch is valid until the next is made
         (on a GPU the next gather is queued behind the step that reads this one). Fresh
         100 MB tensors on the CPU cost several times their copy in page faults."""
-        rows = self._rows.index_select(0, indices)
+        rows = self._sample_rows.index_select(0, indices)
         inputs_at = rows[:, None] + self._history
         targets_at = rows[:, None] + self._leads
         if not self._out or self._out["inputs"].shape[0] != indices.shape[0]:

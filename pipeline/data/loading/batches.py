@@ -1,6 +1,5 @@
 """Training batches read by a pool of reader threads or processes into a ring of reused
-buffers: the loader the training loop uses unless ``train.loader`` asks for torch's
-DataLoader (see ``BatchLoader``)."""
+buffers: the streaming backend of ``pipeline.data.loading`` (see ``BatchLoader``)."""
 
 from __future__ import annotations
 
@@ -144,8 +143,9 @@ class BatchLoader:
             indices = batch[rows].tolist()
             first_row = pending.rows if self.on_device else None
             if self.readers == "processes":
-                if self._ready[slot] is not None:  # passed already but after a new epoch
-                    self._ready[slot].synchronize()  # (see _EpochIterator.retire)
+                event = self._ready[slot]
+                if event is not None:  # passed already but after a new epoch
+                    event.synchronize()  # (see _EpochIterator.retire)
                 future = self._pool.submit(_read_in_reader_process, slot, rows, first_row, indices)
             else:
                 future = self._pool.submit(self._read_in_thread, slot, rows, first_row, indices,
