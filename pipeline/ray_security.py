@@ -25,11 +25,11 @@ from collections.abc import MutableMapping
 from pathlib import Path
 
 from pipeline.files import atomic_write
+from pipeline.train.rundir import RunFiles
 
 log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
-TOKEN_FILE = ".ray_token"
 ONE_NODE = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
@@ -55,7 +55,7 @@ def secure_local_ray(run_dir: Path) -> Path:
     """Set up this process to start a one-node Ray on loopback with a fresh token in
     ``<run>/.ray_token`` (mode 0600); an inherited ``RAY_AUTH_TOKEN``, which Ray would
     prefer to the file, is dropped. Returns the token file."""
-    path = run_dir / TOKEN_FILE
+    path = RunFiles(run_dir).ray_token
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(path, new_token(), mode=0o600)
     secure_environment(os.environ, one_node=True)

@@ -59,6 +59,7 @@ from pipeline.config import Config
 from pipeline.data import store
 from pipeline.errors import CheckpointError, RegistryError
 from pipeline.evaluate import results
+from pipeline.train.rundir import RunFiles
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +192,7 @@ class Version:
     @property
     def weights(self) -> Path:
         """The checkpoint folder (state.pt, meta.json): ``train.init_from`` takes it."""
-        return self.path / "best"
+        return RunFiles(self.path).best
 
     @property
     def eval_key(self) -> str:
@@ -200,7 +201,7 @@ class Version:
     @property
     def metrics(self) -> dict[str, Any]:
         """Its metrics on its own evaluation data (``eval/``, which registering copied)."""
-        return read_json(self.path / "eval" / "metrics.json")
+        return read_json(RunFiles(self.path).eval_metrics)
 
     def metrics_for(self, key: str) -> dict[str, Any] | None:
         """Its metrics on the evaluation data ``key``, if it was scored on them."""
@@ -317,8 +318,8 @@ class ModelRegistry:
         """Register the run's best checkpoint with its evaluation; returns (version,
         created). A checkpoint already registered (same weights) is not added twice."""
         run_dir = Path(run_dir)
-        best = run_dir / "best"
-        metrics_path = run_dir / results.EVAL_DIR / results.METRICS_FILE
+        run = RunFiles(run_dir)
+        best, metrics_path = run.best, run.eval_metrics
         for needed in (best / "state.pt", best / "meta.json", metrics_path):
             if not needed.is_file():
                 raise RegistryError(f"cannot register {run_dir}: {needed} is missing",
@@ -353,10 +354,11 @@ class ModelRegistry:
                 "evaluation": {"key": eval_key(data), "data": data},
             }
             tmp = self.root / f".{name}.tmp-{os.getpid()}"
-            shutil.copytree(best, tmp / "best")
-            (tmp / "eval").mkdir()
-            shutil.copy2(metrics_path, tmp / "eval" / "metrics.json")
-            (tmp / "config.yaml").write_text(yaml.safe_dump(meta["config"], sort_keys=False))
+            entry = RunFiles(tmp)
+            shutil.copytree(best, entry.best)
+            entry.eval.mkdir()
+            shutil.copy2(metrics_path, entry.eval_metrics)
+            entry.config.write_text(yaml.safe_dump(meta["config"], sort_keys=False))
             (tmp / "evals").mkdir()
             (tmp / "version.json").write_text(json.dumps(info, indent=1) + "\n")
             os.rename(tmp, self.root / name)  # the version exists from here on, complete
@@ -458,7 +460,7 @@ class ModelRegistry:
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir()
         try:
-            (scratch / "best").symlink_to(champion.weights.resolve(), target_is_directory=True)
+            RunFiles(scratch).best.symlink_to(champion.weights.resolve(), target_is_directory=True)
             metrics = evaluate(cfg, scratch, report=False)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)

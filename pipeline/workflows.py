@@ -29,6 +29,7 @@ import pandas as pd
 from pipeline.config import Config, config_hash
 from pipeline.errors import ConfigError
 from pipeline.evaluate.verdict import lead_verdict
+from pipeline.train.rundir import RunFiles
 
 if TYPE_CHECKING:
     from pipeline.registry import ModelRegistry
@@ -123,9 +124,9 @@ def training_done(cfg: Config) -> int | None:
     """The step a finished run stopped at (max_steps, or early stopping), else None."""
     from pipeline.train import checkpoint
 
-    run_dir = cfg.run_dir()
-    found = checkpoint.latest_valid(checkpoint.list_steps(run_dir / "checkpoints"))
-    if found is None or not (run_dir / "best" / checkpoint.META_FILE).exists():
+    run = RunFiles(cfg.run_dir())
+    found = checkpoint.latest_valid(checkpoint.list_steps(run.checkpoints))
+    if found is None or not (run.best / checkpoint.META_FILE).exists():
         return None
     progress = found[1]["progress"]
     finished = (progress["step"] >= cfg.train.max_steps
@@ -176,8 +177,8 @@ def evaluate_stage(cfg: Config, out: Outcome) -> dict[str, Any]:
         out.say(f"evaluate: {run_dir / 'eval'} is current; skipped")
     else:
         metrics = evaluate(cfg, run_dir)
-        out.say(f"evaluate: wrote {run_dir / 'eval' / 'metrics.json'}")
-    out.report = run_dir / "eval" / "report.html"
+        out.say(f"evaluate: wrote {RunFiles(run_dir).eval_metrics}")
+    out.report = RunFiles(run_dir).report
     return metrics
 
 
@@ -275,7 +276,7 @@ def own_run_current(cfg: Config, dataset_version: int) -> bool:
     """Has ``pipeline run`` trained and evaluated the config's own run on this version?"""
     import json
 
-    best = cfg.run_dir() / "best" / "meta.json"
+    best = RunFiles(cfg.run_dir()).best / "meta.json"
     if training_done(cfg) is None or not best.exists():
         return False
     trained_on = json.loads(best.read_text()).get("store", {}).get("dataset_version")

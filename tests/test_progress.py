@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from pipeline.train.progress import PROGRESS_FILE, ProgressWriter, progress_bar
+from pipeline.train.progress import ProgressWriter, progress_bar
+from pipeline.train.rundir import RunFiles
 
 pytestmark = pytest.mark.unit
 
@@ -19,9 +20,9 @@ def test_the_writer_throttles_and_always_writes_the_last_step(tmp_path: Path) ->
     writer = ProgressWriter(tmp_path, max_steps=100, interval=60)
     writer.update(1, 0.5, 10.0)
     writer.update(2, 0.4, 10.0)  # within the interval: skipped
-    assert json.loads((tmp_path / PROGRESS_FILE).read_text())["step"] == 1
+    assert json.loads(RunFiles(tmp_path).progress.read_text())["step"] == 1
     writer.update(3, 0.3, 10.0, force=True)
-    state = json.loads((tmp_path / PROGRESS_FILE).read_text())
+    state = json.loads(RunFiles(tmp_path).progress.read_text())
     assert state["step"] == 3 and state["max_steps"] == 100 and state["loss"] == 0.3
     assert not list(tmp_path.glob("*.tmp"))
 

@@ -32,8 +32,9 @@ from pipeline.data.dataset import ForecastDataset
 from pipeline.data.store import DataReader, StoreInfo, now
 from pipeline.data.timeaxis import time_label
 from pipeline.errors import ConfigError
-from pipeline.evaluate import climatology, results, rollout
+from pipeline.evaluate import climatology, rollout
 from pipeline.evaluate.metrics import ScoreSums, skill_score
+from pipeline.train.rundir import EVAL_METRICS_FILE, REPORT_FILE, RunFiles
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def load_target(target: str | Path, overrides: list[str] | None = None) -> tuple
     ``config.yaml``) -> (config, run directory)."""
     path = Path(target)
     if path.is_dir():
-        config = path / "config.yaml"
+        config = RunFiles(path).config
         if not config.is_file():
             raise ConfigError(f"run directory {path} has no config.yaml",
                               "pass the run's YAML config instead")
@@ -242,10 +243,10 @@ def evaluate(cfg: Config, run_dir: Path | None = None, report: bool = True) -> d
         "created": now(),
         "records": records(scores, info, model.lead),
     }
-    eval_dir = run_dir / results.EVAL_DIR
-    write_eval_dir(eval_dir, metrics, scores.sample, cfg.name, report)
+    run = RunFiles(run_dir)
+    write_eval_dir(run.eval, metrics, scores.sample, cfg.name, report)
     log.info("evaluated %s on %d init times of '%s': %s", model.folder, len(inits), ev.split,
-             eval_dir / results.METRICS_FILE)
+             run.eval_metrics)
     return metrics
 
 
@@ -263,11 +264,11 @@ def write_eval_dir(eval_dir: Path, metrics: dict[str, Any], sample: MapSample | 
             from pipeline.evaluate import plots
             from pipeline.evaluate import report as html
 
-            figures = plots.write_all(tmp, metrics, sample, eval_dir.parent / "metrics.jsonl")
+            figures = plots.write_all(tmp, metrics, sample, RunFiles(eval_dir.parent).metrics)
             html.write(tmp, metrics, figures, run_name=run_name)
-            written = [f.file for f in figures] + [html.REPORT_FILE]
+            written = [f.file for f in figures] + [REPORT_FILE]
         metrics["files"] = written
-        write_json(tmp / results.METRICS_FILE, metrics)
+        write_json(tmp / EVAL_METRICS_FILE, metrics)
         files.replace_folder(tmp, eval_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -277,4 +278,4 @@ def evaluate_target(target: str | Path, overrides: list[str] | None = None) -> P
     """What ``pipeline evaluate CONFIG|RUN_DIR`` does; returns the eval directory."""
     cfg, run_dir = load_target(target, overrides)
     evaluate(cfg, run_dir)
-    return run_dir / "eval"
+    return RunFiles(run_dir).eval

@@ -15,9 +15,9 @@ import jinja2
 from pipeline import files
 from pipeline.evaluate.plots import Plot
 from pipeline.evaluate.verdict import lead_verdicts
+from pipeline.train.rundir import REPORT_FILE
 
 TEMPLATE = "report.html.j2"
-REPORT_FILE = "report.html"
 
 
 def _fmt(value: Any, digits: int = 4) -> str:

@@ -15,8 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-EVAL_DIR = "eval"
-METRICS_FILE = "metrics.json"
+from pipeline.train.rundir import RunFiles
 
 
 def current_metrics(run_dir: Path, dataset_version: int,
@@ -24,15 +23,15 @@ def current_metrics(run_dir: Path, dataset_version: int,
     """The metrics of ``run_dir``'s evaluation if it is whole and scores the run's
     current best checkpoint on store version ``dataset_version`` (and, when given, with
     the config of hash ``config_hash``); None when it must be evaluated again."""
-    eval_dir, best = run_dir / EVAL_DIR, run_dir / "best"
+    run = RunFiles(run_dir)
     try:
-        metrics = json.loads((eval_dir / METRICS_FILE).read_text())
-        meta = json.loads((best / "meta.json").read_text())
+        metrics = json.loads(run.eval_metrics.read_text())
+        meta = json.loads((run.best / "meta.json").read_text())
     except (OSError, ValueError):
         return None
     listed = metrics.get("files")
-    whole = isinstance(listed, list) and all((eval_dir / name).is_file() for name in listed)
-    if (whole and Path(metrics.get("checkpoint", "")).resolve() == best.resolve()
+    whole = isinstance(listed, list) and all((run.eval / name).is_file() for name in listed)
+    if (whole and Path(metrics.get("checkpoint", "")).resolve() == run.best.resolve()
             and metrics.get("checkpoint_step") == meta.get("step")
             and metrics.get("store_version") == dataset_version
             and (config_hash is None or metrics.get("config_hash") == config_hash)):

@@ -21,6 +21,7 @@ from pipeline.data.store import StoreInfo
 from pipeline.errors import CheckpointError
 from pipeline.train import checkpoint
 from pipeline.train.checkpoint import check_compatible
+from pipeline.train.rundir import RunFiles
 from pipeline.train.stepper import Stepper, build_stepper
 
 log = logging.getLogger(__name__)
@@ -32,8 +33,9 @@ def candidates(path: Path) -> list[Path]:
     path = Path(path)
     if (path / checkpoint.META_FILE).exists() or (path / checkpoint.STATE_FILE).exists():
         return [path]
-    found = [path / "best"] if (path / "best").is_dir() else []
-    found += checkpoint.list_steps(path / "checkpoints")
+    run = RunFiles(path)
+    found = [run.best] if run.best.is_dir() else []
+    found += checkpoint.list_steps(run.checkpoints)
     if not found:
         raise CheckpointError(f"no checkpoint at {path}",
                               "pass a checkpoint folder (runs/NAME/best) or a run directory "
@@ -51,7 +53,7 @@ def find_checkpoint(path: Path) -> tuple[Path, dict[str, Any], dict[str, Any]]:
     if found is None:
         raise CheckpointError(f"no valid checkpoint in {path} (all {len(tried)} are incomplete "
                               "or corrupt)", "train again, or restore a checkpoint")
-    if found[0] != (Path(path) / "best").resolve():
+    if found[0] != RunFiles(Path(path)).best.resolve():
         log.warning("no valid best/ checkpoint in %s: using %s", path, found[0])
     return found
 

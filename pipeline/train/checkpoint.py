@@ -124,8 +124,9 @@ def load_init(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Read the checkpoint ``train.init_from`` names: a checkpoint folder, or a run
     directory (its ``best/``)."""
     path = Path(path)
-    if not (path / META_FILE).exists() and (path / "best" / META_FILE).exists():
-        path = path / "best"
+    best = path / "best"  # a run directory's (rundir.RunFiles.best)
+    if not (path / META_FILE).exists() and (best / META_FILE).exists():
+        path = best
     if not path.is_dir():
         raise CheckpointError(f"train.init_from: no checkpoint folder at {path}",
                               "name a checkpoint folder such as runs/NAME/best")

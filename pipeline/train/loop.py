@@ -37,7 +37,7 @@ from pipeline.plan import local_plan
 from pipeline.train import checkpoint
 from pipeline.train.models import area_weighted_mse, channel_mse
 from pipeline.train.progress import ProgressWriter
-from pipeline.train.rundir import run_writer
+from pipeline.train.rundir import RunFiles, run_writer
 from pipeline.train.runtime import Runtime, memory_mb, rank_share, use_bf16
 from pipeline.train.sinks import open_sinks
 from pipeline.train.stepper import build_stepper, target_validity
@@ -156,7 +156,7 @@ class Trainer:
         # the metrics, so that a restart shows there even when no step is repeated)
         self.start_step = self.progress.step
         self.model = rt.prepare_model(self.stepper)
-        self.metrics_path = rt.run_dir / "metrics.jsonl"
+        self.metrics_path = RunFiles(rt.run_dir).metrics
         self.sinks = open_sinks(cfg, rt.run_dir) if rt.rank == 0 else []
 
     # ------------------------------------------------------------------ state
@@ -421,7 +421,7 @@ class Trainer:
                               metrics)
         if self.rt.rank == 0:
             if improved and folder is not None:
-                checkpoint.export(folder, self.rt.run_dir / "best")
+                checkpoint.export(folder, RunFiles(self.rt.run_dir).best)
             with self.metrics_path.open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
             for sink in self.sinks:

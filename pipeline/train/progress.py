@@ -17,15 +17,14 @@ from pathlib import Path
 from typing import Any, SupportsFloat
 
 from pipeline.files import atomic_write
-
-PROGRESS_FILE = "progress.json"
+from pipeline.train.rundir import RunFiles
 
 
 class ProgressWriter:
     """Rank 0's side: ``update`` after each step, written at most every ``interval`` s."""
 
     def __init__(self, run_dir: Path, max_steps: int, interval: float = 1.0):
-        self.path = run_dir / PROGRESS_FILE
+        self.path = RunFiles(run_dir).progress
         self.max_steps, self.interval = max_steps, interval
         self._last = 0.0
 
@@ -44,7 +43,7 @@ class ProgressWriter:
 
 def read(run_dir: Path) -> dict[str, Any] | None:
     try:
-        return json.loads((run_dir / PROGRESS_FILE).read_text())
+        return json.loads(RunFiles(run_dir).progress.read_text())
     except (OSError, ValueError):
         return None
 

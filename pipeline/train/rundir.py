@@ -32,6 +32,9 @@ from pipeline import files
 from pipeline.config import Config, resolved_dict
 from pipeline.errors import ConfigError, PipelineError
 
+EVAL_METRICS_FILE = "metrics.json"  # in eval/, written last: the evaluation is whole
+REPORT_FILE = "report.html"  # in eval/
+
 
 @dataclass(frozen=True)
 class RunFiles:
@@ -71,11 +74,11 @@ class RunFiles:
 
     @property
     def eval_metrics(self) -> Path:
-        return self.root / "eval" / "metrics.json"
+        return self.eval / EVAL_METRICS_FILE
 
     @property
     def report(self) -> Path:
-        return self.root / "eval" / "report.html"
+        return self.eval / REPORT_FILE
 
     @property
     def lock(self) -> Path:

@@ -22,6 +22,7 @@ from pipeline.config import Config
 from pipeline.errors import PipelineError, RanksStopped
 from pipeline.plan import ExecutionPlan, local_plan
 from pipeline.train import checkpoint
+from pipeline.train.rundir import RunFiles
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def local_runtime(cfg: Config, plan: ExecutionPlan | None = None) -> Runtime:
     settings (:func:`pipeline.plan.local_plan`)."""
     plan = plan or local_plan(cfg)
     run_dir = cfg.run_dir().resolve()
-    root = run_dir / "checkpoints"
+    root = RunFiles(run_dir).checkpoints
     stop = {"flag": False}
 
     def handler(signum: int, _frame: Any) -> None:

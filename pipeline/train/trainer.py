@@ -33,12 +33,10 @@ from pipeline.errors import ConfigError, PipelineError, RanksStopped, disk_full
 from pipeline.plan import ExecutionPlan, free_local_port, resolve_plan
 from pipeline.ray_security import secure_local_ray
 from pipeline.train.progress import progress_bar
-from pipeline.train.rundir import absolute_config, run_writer
+from pipeline.train.rundir import RunFiles, absolute_config, run_writer
 
 log = logging.getLogger(__name__)
 
-STOP_FILE = "STOP"
-USER_ERROR_FILE = ".user-error.json"  # a worker's PipelineError, for the driver (_worker)
 
 
 @dataclass
@@ -63,7 +61,7 @@ def preflight(cfg: Config, plan: ExecutionPlan) -> None:
     BlockShuffleSampler(len(train_set), t.batch_size, plan.workers)
     build_stepper(cfg, info)
     check_mlflow(cfg)
-    found = checkpoint.latest_valid(checkpoint.list_steps(cfg.run_dir() / "checkpoints"))
+    found = checkpoint.latest_valid(checkpoint.list_steps(RunFiles(cfg.run_dir()).checkpoints))
     if found is not None:
         checkpoint.check_compatible(found[2], info, found[0])
     elif t.init_from:  # a warm start: the channels must match, the statistics may differ
@@ -119,7 +117,7 @@ def _worker(loop_config: dict[str, Any]) -> None:
     logging.getLogger("pipeline").setLevel(logging.INFO if rank == 0 else logging.WARNING)
     quiet_report_lines()
     run_dir = cfg.run_dir()
-    root = run_dir / "checkpoints"
+    root = RunFiles(run_dir).checkpoints
 
     def save(step: int, state: dict | None, meta: dict, metrics: dict) -> Path | None:
         name = checkpoint.step_dir_name(step)
@@ -148,8 +146,8 @@ def _worker(loop_config: dict[str, Any]) -> None:
                       device=ray.train.torch.get_device(),
                       prepare_model=ray.train.torch.prepare_model, save=save,
                       resume_candidates=candidates,
-                      stop_requested=lambda: (run_dir / STOP_FILE).exists(), plan=plan)
-    if (run_dir / USER_ERROR_FILE).exists():
+                      stop_requested=lambda: RunFiles(run_dir).stop_request.exists(), plan=plan)
+    if RunFiles(run_dir).user_error.exists():
         return  # an earlier attempt of this fit met a user error: retrying cannot fix it
     try:
         train_loop(cfg, runtime, stop_at=loop_config.get("stop_at"))
@@ -173,7 +171,7 @@ def _record_user_error(run_dir: Path, err: PipelineError) -> None:
     room to (a full disk), the error itself fails the worker, and the driver finds it
     among Ray's worker failures (:func:`_user_error`)."""
     try:
-        files.atomic_write(run_dir / USER_ERROR_FILE, json.dumps(
+        files.atomic_write(RunFiles(run_dir).user_error, json.dumps(
             {"type": type(err).__name__, "message": err.message, "hint": err.hint}))
     except OSError:
         raise err from None
@@ -181,7 +179,7 @@ def _record_user_error(run_dir: Path, err: PipelineError) -> None:
 
 def _recorded_user_error(run_dir: Path) -> PipelineError | None:
     """The user error a worker recorded in this fit (then removed), if any."""
-    path = run_dir / USER_ERROR_FILE
+    path = RunFiles(run_dir).user_error
     if not path.is_file():
         return None
     record = json.loads(path.read_text())
@@ -225,7 +223,7 @@ def train(cfg: Config, plan: ExecutionPlan | None = None, address: str | None = 
 def _train_locked(cfg: Config, plan: ExecutionPlan, address: str | None,
                   stop_at: int | None) -> TrainResult:
     run_dir = cfg.run_dir()
-    stop_file = run_dir / STOP_FILE
+    stop_file = RunFiles(run_dir).stop_request
     stop_file.unlink(missing_ok=True)  # a stop request of an earlier, preempted run
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
 
@@ -265,7 +263,7 @@ def _fit(cfg: Config, plan: ExecutionPlan, address: str | None, stop_at: int | N
          stop_file: Path, install_handlers: Callable[[], None]) -> TrainResult:
     preflight(cfg, plan)
     run_dir = cfg.run_dir()
-    plan.write(run_dir / "plan.json")  # beside config.yaml, which run_writer stored
+    plan.write(RunFiles(run_dir).plan)  # beside config.yaml, which run_writer stored
 
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -289,11 +287,11 @@ def _fit(cfg: Config, plan: ExecutionPlan, address: str | None, stop_at: int | N
         scaling_config=ScalingConfig(num_workers=plan.workers, use_gpu=plan.use_gpu,
                                      resources_per_worker={"CPU": plan.cpus_per_worker}),
         run_config=RunConfig(
-            name="checkpoints", storage_path=str(run_dir),
+            name=RunFiles(run_dir).checkpoints.name, storage_path=str(run_dir),
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints)),
     )
-    (run_dir / USER_ERROR_FILE).unlink(missing_ok=True)  # an earlier fit's
+    RunFiles(run_dir).user_error.unlink(missing_ok=True)  # an earlier fit's
     try:
         with progress_bar(run_dir, t.max_steps):
             result = trainer.fit()

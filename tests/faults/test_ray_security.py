@@ -30,7 +30,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pipeline.ray_security import ONE_NODE, TOKEN_FILE
+from pipeline.ray_security import ONE_NODE
+from pipeline.train.rundir import RunFiles
 from tests.conftest import train_config, write_config
 
 pytestmark = pytest.mark.integration
@@ -137,7 +138,7 @@ def test_local_training_ray_listens_on_loopback_and_needs_the_runs_token(
             with pytest.raises(OSError):
                 socket.create_connection((address, port), timeout=5).close()
 
-        token = run / TOKEN_FILE
+        token = RunFiles(run).ray_token
         assert stat.S_IMODE(token.stat().st_mode) == 0o600
         assert not (home / ".ray" / "auth_token").exists()
 
