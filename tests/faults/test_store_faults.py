@@ -221,13 +221,7 @@ def test_a_huge_shard_size_is_a_config_error(tiny_raw: Path, tmp_path: Path) -> 
 
 
 def test_a_full_disk_is_one_line_and_a_rerun_resumes(tiny_raw: Path, tmp_path: Path) -> None:
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(disk)],
-                             capture_output=True, text=True, timeout=30)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "disk") as disk:
         config = write_config(tmp_path / "c.yaml", base_config(tiny_raw, disk / "store.zarr"))
         line = assert_user_error(run_cli("preprocess", str(config), "--workers", "1",
                                          timeout=240), "no space left", "resumes")
@@ -237,28 +231,33 @@ def test_a_full_disk_is_one_line_and_a_rerun_resumes(tiny_raw: Path, tmp_path: P
         assert result.returncode == 0, result.stderr[-3000:]
         assert run_cli("inspect", "--verify", str(disk / "store.zarr"),
                        timeout=120).returncode == 0
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], capture_output=True, timeout=30)
 
 
 @contextlib.contextmanager
-def full_disk(disk: Path, room: int) -> Iterator[Path]:
-    """A 1 MiB tmpfs at ``disk`` (the mechanism of the test above), filled but for
-    ``room`` bytes; skips where mounting is not allowed."""
+def small_tmpfs(disk: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs mounted at ``disk`` for the block; skips where mounting is not
+    allowed."""
     disk.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(disk)],
                              capture_output=True, text=True, timeout=30)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
     try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True, timeout=30)
+
+
+@contextlib.contextmanager
+def full_disk(disk: Path, room: int) -> Iterator[Path]:
+    """A :func:`small_tmpfs` filled but for ``room`` bytes."""
+    with small_tmpfs(disk):
         filler = disk / "filler"
         with open(filler, "wb", buffering=0) as f, contextlib.suppress(OSError):
             while True:  # until ENOSPC
                 f.write(bytes(65536))
         os.truncate(filler, max(0, filler.stat().st_size - room))
         yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], capture_output=True, timeout=30)
 
 
 def test_a_checkpoint_onto_a_full_disk_is_a_user_error_and_leaves_no_partial_one(
