@@ -22,6 +22,15 @@ from dataclasses import asdict
 import numpy as np
 import xarray as xr
 
+from pipeline.demo.planet import (
+    EARTH_RADIUS,
+    OBLIQUITY,
+    Grid,
+    daily_insolation,
+    declination,
+    geography,
+    radiative_t,
+)
 from pipeline.demo.spec import (
     TIME_UNITS,
     YEAR_DAYS,
@@ -32,12 +41,9 @@ from pipeline.demo.spec import (
 
 log = logging.getLogger(__name__)
 
-_A = 6.371e6            # Earth radius (m)
-_OMEGA = 7.292e-5       # rotation rate (1/s)
 _RD = 287.05            # gas constant of dry air (J/kg/K)
 _LAPSE = 0.0065         # standard lapse rate (K/m)
 _KAPPA = _RD * _LAPSE / 9.80665   # T ~ p**_KAPPA for the standard lapse rate
-_OBLIQUITY = math.radians(23.44)
 _SPINUP_DAYS = 30
 _MAX_SUBSTEP_HOURS = 6.0
 _WIND_SCALE = 300e3    # m: winds are geostrophic from z smoothed on this scale
@@ -53,93 +59,16 @@ _ATTRS = {
 }
 
 
-
-
-# ----------------------------------------------------------------------------- grid, statics
-class _Grid:
-    """Lat-lon grid (latitude descending 90..-90, longitude 0..360-dx) and metric factors."""
-
-    def __init__(self, spec: DemoSpec) -> None:
-        self.ny, self.nx = spec.n_lat, spec.n_lon
-        self.lat = np.linspace(90.0, -90.0, self.ny)
-        self.lon = np.arange(self.nx) * (360.0 / self.nx)
-        self.dphi, self.dlam = math.pi / (self.ny - 1), 2 * math.pi / self.nx
-        phi = np.deg2rad(self.lat)[:, None]
-        self.sin = np.sin(phi)
-        self.cos = np.cos(phi)
-        self.cos[[0, -1]] = 0.0                       # exact poles
-        self.lam = np.deg2rad(self.lon)[None, :]
-        s0 = math.sin(math.radians(15.0))             # 1/f regularised inside ~15 degrees
-        self.finv = self.sin / (2 * _OMEGA * (self.sin**2 + s0**2))
-        cos_t = math.cos(math.radians(70.0))          # winds tapered like cos(lat) poleward of 70
-        self.taper = np.minimum(1.0, self.cos / cos_t)
-        self.taper_over_cos = 1.0 / np.maximum(self.cos, cos_t)
-        self.xyz = (self.cos * np.cos(self.lam), self.cos * np.sin(self.lam),
-                    self.sin * np.ones_like(self.lam))
-
-
-def _blobs(rng: np.random.Generator, grid: _Grid, n: int, radius: tuple[float, float],
-           weight: tuple[float, float]) -> np.ndarray:
-    """Sum of Gaussian bumps at random points of the sphere (smooth, periodic, poles exact)."""
-    centres = rng.normal(size=(n, 3))
-    centres /= np.sqrt((centres**2).sum(axis=1, keepdims=True))
-    radii = np.deg2rad(rng.uniform(*radius, n))
-    weights = rng.uniform(*weight, n)
-    x, y, z = grid.xyz
-    out = np.zeros((grid.ny, grid.nx))
-    for (cx, cy, cz), r, w in zip(centres, radii, weights, strict=True):
-        dist = np.arccos(np.clip(x * cx + y * cy + z * cz, -1.0, 1.0))
-        out += w * np.exp(-((dist / r) ** 2))
-    return out
-
-
-def _geography(spec: DemoSpec, grid: _Grid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(orography m, binary land-sea mask, smooth land fraction) from the seed."""
-    rng = np.random.default_rng([spec.seed, 1])
-    f = _blobs(rng, grid, 14, (15.0, 35.0), (0.5, 1.0)) - _blobs(rng, grid, 6, (15.0, 30.0),
-                                                                  (0.3, 0.7))
-    area = np.broadcast_to(np.maximum(grid.cos, 1e-3 / grid.nx), f.shape).ravel()
-    order = np.argsort(f.ravel(), kind="stable")
-    cum = np.cumsum(area[order]) / area.sum()
-    threshold = f.ravel()[order][np.searchsorted(cum, 0.70)]     # ~30 % land by area
-    width = 0.25 * f.std()
-    lsm = (f > threshold).astype(np.float64)
-    ramp = np.clip((f - threshold) / width, 0.0, 1.0)
-    mountains = _blobs(rng, grid, 16, (6.0, 14.0), (800.0, 3500.0))
-    orog = ramp * (150.0 + mountains)
-    land = 1.0 / (1.0 + np.exp(-4.0 * (f - threshold) / width))
-    return orog, lsm, land
-
-
 def static_fields(spec: DemoSpec) -> xr.Dataset:
     """Orography ``orog`` (m) and land-sea mask ``lsm`` (0/1) on the spec's grid."""
-    grid = _Grid(spec)
-    orog, lsm, _ = _geography(spec, grid)
+    grid = Grid(spec)
+    orog, lsm, _ = geography(spec, grid)
     data = {k: (("latitude", "longitude"), a.astype(np.float32), _var_attrs(k))
             for k, a in (("orog", orog), ("lsm", lsm))}
     return xr.Dataset(data, coords=_coords(grid), attrs=_global_attrs(spec))
 
 
 # ----------------------------------------------------------------------------- the model
-def _declination(hours: float, year_days: float) -> float:
-    """Solar declination (rad) from the orbital phase of the calendar year."""
-    phase = (hours / 24.0 / year_days) % 1.0
-    return _OBLIQUITY * math.sin(2 * math.pi * (phase - 80.0 / 365.0))
-
-
-def _daily_insolation(sin: np.ndarray, cos: np.ndarray, decl: float) -> np.ndarray:
-    """Daily-mean top-of-atmosphere insolation / (S0/pi): 1 at the equator at equinox."""
-    tan = sin / np.maximum(cos, 1e-12)
-    h0 = np.arccos(np.clip(-tan * math.tan(decl), -1.0, 1.0))
-    return h0 * sin * math.sin(decl) + cos * math.cos(decl) * np.sin(h0)
-
-
-def _radiative_t(grid: _Grid, decl: float) -> np.ndarray:
-    """Radiative-equilibrium surface temperature (K) per latitude, with polar albedo."""
-    q = _daily_insolation(grid.sin, grid.cos, decl) * (1.0 - 0.6 * grid.sin**4)
-    return 232.0 + 70.0 * np.sqrt(np.maximum(q, 0.0))
-
-
 class _Waves:
     """Travelling Rossby-wave packets in msl: amplitudes, wavenumbers, speeds from the seed."""
 
@@ -151,15 +80,15 @@ class _Waves:
         self.lat0 = np.deg2rad(rng.uniform(45.0, 60.0, n)) * self.hemi
         self.width = np.deg2rad(rng.uniform(10.0, 16.0, n))
         self.amp = rng.uniform(800.0, 2000.0, n)
-        lam_rate = rng.uniform(4.0, 14.0, n) / (_A * np.cos(self.lat0))   # eastward, rad/s
+        lam_rate = rng.uniform(4.0, 14.0, n) / (EARTH_RADIUS * np.cos(self.lat0))   # eastward, rad/s
         self.omega = self.m * lam_rate
         self.phase = rng.uniform(0.0, 2 * np.pi, n)
         self.env_omega = 2 * np.pi / (rng.uniform(5.0, 15.0, n) * 86400.0)
         self.env_phase = rng.uniform(0.0, 2 * np.pi, n)
 
-    def msl(self, grid: _Grid, seconds: float, decl: float) -> np.ndarray:
+    def msl(self, grid: Grid, seconds: float, decl: float) -> np.ndarray:
         """The wave part of msl (Pa): stronger in the winter hemisphere, poleward in summer."""
-        winter = -self.hemi * decl / _OBLIQUITY
+        winter = -self.hemi * decl / OBLIQUITY
         amp = self.amp * (1.0 + 0.3 * winter) * (1.0 + 0.35 * np.cos(
             self.env_omega * seconds + self.env_phase))
         centre = self.lat0 - self.hemi * np.deg2rad(5.0) * winter
@@ -176,15 +105,15 @@ class _Model:
     """The state (``state[:-1]``: t on levels, ``state[-1]``: t2m), diagnostics and time step."""
 
     def __init__(self, spec: DemoSpec) -> None:
-        self.spec, self.grid = spec, _Grid(spec)
-        self.orog, _, self.land = _geography(spec, self.grid)
+        self.spec, self.grid = spec, Grid(spec)
+        self.orog, _, self.land = geography(spec, self.grid)
         self.waves = _Waves(spec)
         self.year_days = YEAR_DAYS.get(spec.calendar, 365.2425)
         self.p = np.array(spec.levels)[:, None, None] * 100.0          # Pa
         self.sigma = self.p / 1e5
         self.standard = 288.0 * self.sigma**_KAPPA                      # K, standard atmosphere
-        decls = [_OBLIQUITY * math.sin(2 * math.pi * k / 48) for k in range(48)]
-        self.t_annual = np.mean([_radiative_t(self.grid, d) for d in decls], axis=0)
+        decls = [OBLIQUITY * math.sin(2 * math.pi * k / 48) for k in range(48)]
+        self.t_annual = np.mean([radiative_t(self.grid, d) for d in decls], axis=0)
         self.seasonal = self.land + 0.35 * (1.0 - self.land)            # sea damps the season
         self.diurnal = 1.0 + 11.0 * self.land                           # K, day-night swing
         self.n_sub = max(1, math.ceil(spec.step_hours / _MAX_SUBSTEP_HOURS))
@@ -213,12 +142,12 @@ class _Model:
     def _set_wind_constants(self) -> None:
         """Geostrophic factors, the large-scale zonal filter, index-space displacements."""
         g, dt = self.grid, self.dt
-        self.cu = -g.finv * g.taper / (_A * 2 * g.dphi)          # u = cu * (z[j-1] - z[j+1])
-        self.cv = g.finv * g.taper_over_cos / _A                 # v = cv * dz/dlambda
-        self.cj = self.cv * dt / (_A * g.dphi)                   # rows moved, per dz/dlambda
-        self.ci = g.finv * g.taper_over_cos * dt / (_A**2 * 2 * g.dphi * g.dlam)
+        self.cu = -g.finv * g.taper / (EARTH_RADIUS * 2 * g.dphi)          # u = cu * (z[j-1] - z[j+1])
+        self.cv = g.finv * g.taper_over_cos / EARTH_RADIUS                 # v = cv * dz/dlambda
+        self.cj = self.cv * dt / (EARTH_RADIUS * g.dphi)                   # rows moved, per dz/dlambda
+        self.ci = g.finv * g.taper_over_cos * dt / (EARTH_RADIUS**2 * 2 * g.dphi * g.dlam)
         m = np.arange(g.nx // 2 + 1)[None, :]
-        scale = m * _WIND_SCALE / (_A * np.maximum(g.cos, 1e-9))  # wavenumber * length scale
+        scale = m * _WIND_SCALE / (EARTH_RADIUS * np.maximum(g.cos, 1e-9))  # wavenumber * length scale
         self.zonal_filter = np.exp(-0.5 * scale**2)               # Gaussian, exact zero at poles
         self.zonal_deriv = 1j * m * self.zonal_filter
         if g.nx % 2 == 0:
@@ -229,10 +158,10 @@ class _Model:
     def _surface_target(self, decl: float, msl: np.ndarray) -> np.ndarray:
         """t2m relaxes toward insolation (season, time of day) mixed with the air above."""
         g = self.grid
-        q = _daily_insolation(g.sin, g.cos, decl)
+        q = daily_insolation(g.sin, g.cos, decl)
         hour_angle = 2 * math.pi * (self.hours % 24.0) / 24.0 + g.lam - math.pi
         cosz = g.sin * math.sin(decl) + g.cos * math.cos(decl) * np.cos(hour_angle)
-        rad = (self.t_annual + self.seasonal * (_radiative_t(g, decl) - self.t_annual)
+        rad = (self.t_annual + self.seasonal * (radiative_t(g, decl) - self.t_annual)
                + self.diurnal * (np.maximum(cosz, 0.0) - q / math.pi))
         air = self.t[0] * (msl / self.p[0]) ** _KAPPA
         return 0.65 * rad + 0.35 * air - _LAPSE * self.orog
@@ -243,7 +172,7 @@ class _Model:
         g = self.grid
         trop = (self.t2m + _LAPSE * self.orog - 288.0) * self.sigma
         trop += self.standard
-        strat = 200.0 + 18.0 * g.sin**2 + 14.0 * g.sin * math.sin(decl) / _OBLIQUITY
+        strat = 200.0 + 18.0 * g.sin**2 + 14.0 * g.sin * math.sin(decl) / OBLIQUITY
         out = trop - strat
         out *= out
         out += 16.0
@@ -255,7 +184,7 @@ class _Model:
 
     def diagnose(self) -> dict[str, np.ndarray]:
         """msl, z and the z gradients of the wind (and the departure offsets) at self.hours."""
-        g, decl = self.grid, _declination(self.hours, self.year_days)
+        g, decl = self.grid, declination(self.hours, self.year_days)
         t_sl = self.t2m + _LAPSE * self.orog
         belts = np.abs(np.deg2rad(g.lat)[:, None] - 0.4 * decl)
         msl = (101100.0 + 900.0 * np.exp(-(((belts - 0.56) / 0.21) ** 2))
@@ -335,7 +264,7 @@ class _Model:
         """Advect and diffuse (offsets from the last diagnose), relax toward the new targets."""
         self.state = self._diffuse(self._advect(self.state))
         self.hours += self.dt / 3600.0
-        decl = _declination(self.hours, self.year_days)
+        decl = declination(self.hours, self.year_days)
         target = self._surface_target(decl, msl)
         self.state[-1] -= target
         self.state[-1] *= self.keep_sfc
@@ -348,8 +277,8 @@ class _Model:
     def start(self, hours: float) -> None:
         """Initialise near equilibrium and spin up so that ``hours`` starts in a settled state."""
         self.hours = hours - _SPINUP_DAYS * 24.0
-        decl = _declination(self.hours, self.year_days)
-        self.state[-1] = self.t_annual + self.seasonal * (_radiative_t(self.grid, decl)
+        decl = declination(self.hours, self.year_days)
+        self.state[-1] = self.t_annual + self.seasonal * (radiative_t(self.grid, decl)
                                                           - self.t_annual)
         self.state[-1] -= _LAPSE * self.orog
         self.state[:-1] = self._air_target(decl)
@@ -366,14 +295,13 @@ class _Model:
         self.hours = h + self.spec.step_hours
 
 
-
 # ----------------------------------------------------------------------------- datasets
 def _var_attrs(name: str) -> dict[str, str]:
     units, standard_name, long_name = _ATTRS[name]
     return {"units": units, "standard_name": standard_name, "long_name": long_name}
 
 
-def _coords(grid: _Grid) -> dict[str, tuple]:
+def _coords(grid: Grid) -> dict[str, tuple]:
     """ERA5-like coordinates: latitude descending, longitude ascending from 0."""
     return {
         "latitude": ("latitude", grid.lat, {"units": "degrees_north", "standard_name": "latitude",
