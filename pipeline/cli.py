@@ -1,4 +1,5 @@
-"""The ``pipeline`` command: parse arguments, load the config, call one function.
+"""The ``pipeline`` command: parse arguments (:mod:`pipeline.cli_args`), load the config,
+call one function.
 
 Exit codes: 0 success, 2 bad input (one line ``error: ...`` on stderr), 1 internal
 failure. ``--debug`` shows tracebacks. Heavy libraries are imported inside the command
@@ -16,28 +17,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline import __version__
+from pipeline.cli_args import build_parser
 from pipeline.errors import PREEMPTED_EXIT_CODE, PipelineError, disk_full
 
 log = logging.getLogger("pipeline")
 
 SIGPIPE_EXIT_CODE = 141  # 128 + SIGPIPE: the shell's code for a writer whose reader left
-
-
-def _add_config(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML run config (see configs/)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE", help="override a config value, e.g. train.max_steps=50")
-
-
-def _part(text: str) -> tuple[int, int]:
-    try:
-        i, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not i/N (e.g. 2/4)") from None
-    if n < 1 or not 1 <= i <= n:
-        raise argparse.ArgumentTypeError(f"part '{text}': need 1 <= i <= N")
-    return i, n
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
@@ -97,7 +82,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from pipeline.data.store import summary, verify
+    from pipeline.data.inspection import summary, verify
 
     print(summary(args.store))
     if not args.verify:
@@ -112,16 +97,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
               "then rerun `pipeline preprocess CONFIG`: it rebuilds them)", file=sys.stderr)
         return 2
     return 0
-
-
-def _leads(text: str) -> list[int]:
-    try:
-        leads = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a list of steps like 1,2,4") from None
-    if not leads or min(leads) < 1:
-        raise argparse.ArgumentTypeError(f"leads '{text}' must be positive steps, e.g. 1,2,4")
-    return leads
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -224,137 +199,15 @@ def cmd_slurm_schedule(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pipeline", description="Gridded climate data to trained, evaluated models.")
-    parser.add_argument("--version", action="version", version=f"pipeline {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("demo-data", help="write synthetic ERA5-like NetCDF files")
-    p.add_argument("dir", help="output directory")
-    p.add_argument("--size", default="tiny", help="tiny (tests), small (demo), large (benchmarks)")
-    p.add_argument("--months", type=int, default=None, help="number of monthly files")
-    p.set_defaults(func=cmd_demo_data)
-
-    p = sub.add_parser("preprocess", help="build or extend the Zarr training store")
-    _add_config(p)
-    p.add_argument("--part", type=_part, default=None, metavar="i/N",
-                   help="build only part i of N (Slurm arrays); finalise by running without --part")
-    p.add_argument("--append", action="store_true", help="add the sources' new time steps")
-    p.add_argument("--workers", type=int, default=None, help="Dask worker processes (local)")
-    p.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler")
-    p.add_argument("--memory-limit", default=None, help="memory limit per local Dask worker")
-    p.set_defaults(func=cmd_preprocess)
-
-    p = sub.add_parser("train", help="train with Ray Train; resumes the run if it exists",
-                       description="Train data-parallel with Ray Train. "
-                       "Running it again resumes from the latest valid checkpoint, with the "
-                       "run's config except train.max_steps and the other settings that "
-                       "pipeline.train.rundir lists; one run is trained by one process at a "
-                       "time. SIGTERM or "
-                       "SIGUSR1 checkpoints and exits with code 75 (requeue). Inside a Slurm job "
-                       "(one node or several) it starts one Ray node per Slurm node with the "
-                       "allocation's CPUs and GPUs (head here, the others through srun), one "
-                       "worker per GPU or per cpus_per_worker CPUs, and requeues the job after "
-                       "a preemption signal; `pipeline plan` shows what it will do "
-                       "(docs/cluster.md).")
-    _add_config(p)
-    p.add_argument("--address", default=None, help="join an existing Ray cluster (e.g. auto)")
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("plan", help="print the execution plan of `pipeline train` here, "
-                       "starting nothing",
-                       description="Resolve the execution plan for where this runs (no Slurm "
-                       "job, or the Slurm allocation in the environment: run it inside salloc or "
-                       "a job to see what the job will do): nodes, Ray Train workers, CPUs and "
-                       "GPUs per worker, precision, loader and readers, resident splits, the "
-                       "Ray resources, ports and temp dir. Imports no torch or Ray.")
-    _add_config(p)
-    p.add_argument("--address", default=None, help="plan for joining this Ray cluster")
-    p.add_argument("--json", action="store_true", help="the plan as JSON (as in <run>/plan.json)")
-    p.set_defaults(func=cmd_plan)
-
-    p = sub.add_parser("inspect", help="summarise a training store")
-    p.add_argument("store")
-    p.add_argument("--verify", action="store_true",
-                   help="read every shard and check every checksum (exit 2 if one is damaged)")
-    p.set_defaults(func=cmd_inspect)
-
-    p = sub.add_parser("evaluate", help="score a run against persistence and climatology; "
-                       "plots and an HTML report in <run>/eval/")
-    p.add_argument("config", metavar="CONFIG|RUN_DIR",
-                   help="the run's YAML config, or its run directory (with config.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[],
-                   metavar="KEY=VALUE", help="override a config value, e.g. evaluate.max_samples=20")
-    p.add_argument("--split", choices=("val", "test"), default=None,
-                   help="split to score (default: evaluate.split)")
-    p.add_argument("--leads", type=_leads, default=None, metavar="1,2,4",
-                   help="lead times in model steps (default: evaluate.leads)")
-    p.set_defaults(func=cmd_evaluate)
-
-    p = sub.add_parser("predict", help="autoregressive forecast written as a CF-style Zarr dataset")
-    p.add_argument("checkpoint", help="a checkpoint folder (e.g. runs/NAME/best) or a run directory")
-    p.add_argument("--init", required=True, help="initial time, e.g. 2000-03-10T06:00")
-    p.add_argument("--steps", type=int, required=True, help="model steps to forecast")
-    p.add_argument("--out", required=True, help="output Zarr path (e.g. forecast.zarr)")
-    p.add_argument("--config", default=None,
-                   help="config whose data.store to use (default: the checkpoint's own)")
-    p.add_argument("--set", dest="overrides", action="append", default=[],
-                   metavar="KEY=VALUE", help="override a config value, e.g. data.store=other.zarr")
-    p.set_defaults(func=cmd_predict)
-
-    p = sub.add_parser("run", help="the whole chain locally: (demo data,) preprocess, train, "
-                       "evaluate; finished stages are skipped",
-                       description="Preprocess, train and evaluate CONFIG, creating the demo data "
-                       "first when the sources are in data/demo/raw. Stages already done (a "
-                       "complete store, a run at train.max_steps, a current evaluation) are "
-                       "skipped, so running it again is cheap. The report is "
-                       "<runs_dir>/<name>/eval/report.html.")
-    _add_config(p)
-    p.set_defaults(func=cmd_run)
-
-    p = sub.add_parser("retrain", help="append new data, warm-start from the champion, "
-                       "evaluate, register, promote only if better",
-                       description="Scheduled retraining: append the sources' new time steps to "
-                       "the store, train <name>-v<dataset version> from the champion's weights, "
-                       "evaluate it, register it in <registry.path>/<name>/ and promote it if it "
-                       "beats the champion on registry.metric at registry.lead by "
-                       "registry.min_improvement. Without new data it does nothing.")
-    _add_config(p)
-    p.set_defaults(func=cmd_retrain)
-
-    p = sub.add_parser("registry", help="list the config's registered model versions",
-                       description="One line per version in <registry.path>/<name>/ (run, "
-                       "checkpoint step, store version and period; the champion marked *), "
-                       "then the latest promotion decision.")
-    _add_config(p)
-    p.set_defaults(func=cmd_registry)
-
-    slurm = sub.add_parser("slurm", help="render, submit and schedule Slurm jobs").add_subparsers(
-        dest="slurm_command", required=True, metavar="ACTION")
-    p = slurm.add_parser("render", help="print a job script (demo_data, preprocess, finalise, "
-                         "train, evaluate, retrain)")
-    p.add_argument("template")
-    _add_config(p)
-    p.set_defaults(func=cmd_slurm_render)
-    p = slurm.add_parser("submit", help="submit the chain preprocess -> finalise -> train -> "
-                         "evaluate with afterok dependencies")
-    _add_config(p)
-    p.add_argument("--stages", default="preprocess,train,evaluate",
-                   help="comma-separated subset of preprocess,train,evaluate")
-    p.add_argument("--dry-run", action="store_true", help="print what would be submitted")
-    p.add_argument("--wait", action="store_true",
-                   help="wait for the chain and report each stage (exit 1 if one failed)")
-    p.set_defaults(func=cmd_slurm_submit)
-    p = slurm.add_parser("schedule", help="scheduled retraining: a scrontab entry, or a job "
-                         "that re-submits itself each period (slurm.retrain_every)")
-    _add_config(p)
-    p.add_argument("--now", action="store_true", help="run the first retraining now")
-    p.add_argument("--self-submit", action="store_true",
-                   help="use the self-submitting job even where scrontab exists")
-    p.set_defaults(func=cmd_slurm_schedule)
-    return parser
+def handler(name: str) -> Callable[[argparse.Namespace], int]:
+    """The function that runs the sub-command ``name`` (``args.handler``)."""
+    return {
+        "demo-data": cmd_demo_data, "preprocess": cmd_preprocess, "train": cmd_train,
+        "plan": cmd_plan, "inspect": cmd_inspect, "evaluate": cmd_evaluate,
+        "predict": cmd_predict, "run": cmd_run, "retrain": cmd_retrain,
+        "registry": cmd_registry, "slurm render": cmd_slurm_render,
+        "slurm submit": cmd_slurm_submit, "slurm schedule": cmd_slurm_schedule,
+    }[name]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -387,14 +240,12 @@ def _stdout_closed() -> bool:
 
 
 def _run(argv: list[str] | None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     from pipeline.logs import configure
 
     configure(args.debug)
-    func: Callable[[argparse.Namespace], int] = args.func
     try:
-        return func(args)
+        return handler(args.handler)(args)
     except PipelineError as err:
         if args.debug:
             raise

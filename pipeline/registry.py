@@ -106,11 +106,11 @@ def eval_key(data: dict[str, Any]) -> str:
 
 def store_facts(path: str | Path) -> dict[str, Any]:
     """The store's identity and period, from its attributes (a complete store only)."""
-    attrs = store.attributes(store.open_complete(path))
-    return {"path": os.path.abspath(path), "data_hash": attrs["data_hash"],
-            "dataset_version": int(attrs["dataset_version"]),
-            "time_start": attrs.get("time_start"), "time_end": attrs.get("time_end"),
-            "frequency": attrs.get("frequency")}
+    attrs = store.store_attrs(store.open_complete(path))
+    return {"path": os.path.abspath(path), "data_hash": attrs.data_hash,
+            "dataset_version": attrs.dataset_version,
+            "time_start": attrs.time_start, "time_end": attrs.time_end,
+            "frequency": attrs.frequency}
 
 
 # --------------------------------------------------------------------------- the rule

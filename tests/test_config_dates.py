@@ -15,6 +15,7 @@ import zarr
 
 from pipeline.config import config_hash, dump_config, load_config
 from pipeline.data.sources import within
+from pipeline.errors import ConfigError
 from tests.conftest import base_config, run_cli
 
 pytestmark = pytest.mark.unit
@@ -135,3 +136,22 @@ def test_unquoted_impossible_date_is_a_one_line_error(tiny_raw: Path, tmp_path: 
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
     assert "2000-02-30" in result.stderr and "standard" in result.stderr
+
+
+def test_an_unquoted_slurm_time_is_the_time_written(tmp_path: Path) -> None:
+    """YAML 1.1 reads ``1:30:00`` as the base-60 number 5400, which Slurm would take as
+    5400 minutes; the config keeps it as written, in the file, in overrides and in the
+    resolved config, and the job script asks for that time."""
+    from pipeline.slurm import render
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(DEMO.read_text() + "\nslurm:\n  time: 1:30:00\n")
+    cfg = load_config(path)
+    assert cfg.slurm.time == "1:30:00"
+    assert load_config(DEMO, ["slurm.time=1:00:00"]).slurm.time == "1:00:00"
+    with pytest.raises(ConfigError, match="train.max_steps"):  # not 60
+        load_config(DEMO, ["train.max_steps=1:00"])
+    assert "#SBATCH --time=1:30:00" in render("train", cfg, str(path), [])
+    dump_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml").slurm.time == "1:30:00"
+    assert yaml.safe_load((tmp_path / "resolved.yaml").read_text())["slurm"]["time"] == "1:30:00"

@@ -268,7 +268,7 @@ def test_levels_without_units_that_could_be_pa_or_hpa_are_refused(tmp_path: Path
     tree["data"]["sources"] = tree["data"]["sources"][1:]
     tree["data"]["nan"] = {"policy": "fill"}
     cfg = config_from_dict(tree)
-    from pipeline.data.build import make_plan
+    from pipeline.data.build_plan import make_plan
     assert make_plan(cfg).channels.prognostic == ("ta1000", "ta500")
 
 

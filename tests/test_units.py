@@ -72,8 +72,9 @@ def test_errors_pickle_with_their_hint() -> None:
 
 
 HEAVY = ("torch", "ray", "dask", "distributed", "zarr")
-LIGHT = ("pipeline.cli", "pipeline.config", "pipeline.errors", "pipeline.files",
-         "pipeline.slurm", "pipeline.launch", "pipeline.plan", "pipeline.workflows")
+LIGHT = ("pipeline.cli", "pipeline.cli_args", "pipeline.config", "pipeline.errors",
+         "pipeline.files", "pipeline.slurm", "pipeline.launch", "pipeline.plan",
+         "pipeline.workflows", "pipeline.train.rundir")
 
 
 def _imported_by(modules: tuple[str, ...], then: str = "") -> list[str]:

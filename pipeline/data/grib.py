@@ -10,7 +10,7 @@ Index files are disabled (``indexpath: ""``): cfgrib would write a ``.idx`` besi
 GRIB file, which fails on read-only data directories and races between processes that
 open the same file. Without one, opening scans the file's messages: about 1.5 ms per
 message (a 0.25-degree field, from the page cache), some 5 s for a month of ERA5 on 13
-levels, once per process and file (``sources._open_for_reading`` keeps files open).
+levels, once per process and file (``windows._open_for_reading`` keeps files open).
 
 Analyses (and one chosen forecast step) are read with their valid time as the time
 axis; files with several forecast steps are refused with the filter that selects one.

@@ -12,8 +12,10 @@ Layout::
 
 Build progress lives in ``_build`` arrays rather than in the group attributes so that
 concurrent parts (Slurm array tasks) never rewrite the same file; the group attributes
-hold provenance and a summary written by init and finalise only. :class:`StoreInfo`
-reads what training and evaluation need to know of a complete store (no torch).
+hold provenance and a summary written by init and finalise only (their typed model:
+:class:`~pipeline.data.attrs.StoreAttrs`). :class:`StoreInfo` reads what training and
+evaluation need to know of a complete store (no torch); ``pipeline inspect`` is
+:mod:`pipeline.data.inspection`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import zarr
 import zarr.codecs
 from zarr.storage import LocalStore
 
+from pipeline.data.attrs import StoreAttrs, parse_attrs
 from pipeline.data.layout import MISSING_ABOVE, Layout
 from pipeline.data.shards import REBUILD, ShardFiles
 from pipeline.data.sources import within
@@ -110,10 +113,11 @@ def open_group(path: str | Path, mode: Literal["r", "r+"] = "r") -> zarr.Group:
 
 
 def open_complete(path: str | Path) -> zarr.Group:
-    """Open a store for reading; refuse one whose build has not been finalised, whose
-    ``data`` metadata does not parse, or that lost a shard file (it would read as NaN)."""
+    """Open a store for reading; refuse one whose attributes do not fit
+    :class:`StoreAttrs`, whose build has not been finalised, whose ``data`` metadata
+    does not parse, or that lost a shard file (it would read as NaN)."""
     group = open_group(path)
-    if not group.attrs.get("complete", False):
+    if not store_attrs(group).complete:
         done = done_flags(group)
         raise StoreError(f"training store {path} is incomplete ({int(done.sum())} of {done.size} "
                          "shards written, not finalised)",
@@ -148,8 +152,17 @@ def get_array(group: zarr.Group, name: str) -> zarr.Array:
 
 
 def attributes(group: zarr.Group) -> dict[str, Any]:
-    """The group's attributes: JSON values, each of whatever type the writer gave it."""
+    """The group's attributes: JSON values, each of whatever type the writer gave it
+    (what the build reads and updates; readers use :func:`store_attrs`)."""
     return group.attrs.asdict()
+
+
+def store_attrs(group: zarr.Group) -> StoreAttrs:
+    """The group's attributes, validated: a :class:`StoreError` naming the store and the
+    first missing or wrongly typed field otherwise."""
+    where = group.store
+    name = os.path.abspath(where.root) if isinstance(where, LocalStore) else str(group.store_path)
+    return parse_attrs(attributes(group), name)
 
 
 def read_array(group: zarr.Group, name: str) -> np.ndarray:
@@ -221,28 +234,6 @@ def corrupt(path: str | Path, array: zarr.Array, step: int, err: Exception) -> S
                       f"{' '.join(str(err).split())[:70]})", REBUILD)
 
 
-def verify(path: str | Path) -> tuple[list[str], bool]:
-    """Read every shard of ``data`` whole, checking every checksum it has: the problems
-    found (one line each) and whether the chunks carry checksums (format 2)."""
-    group = open_group(path)
-    array = data_array(path)
-    written = done_flags(group) | bool(group.attrs.get("complete"))  # only those count
-    missing = [s for s in missing_shards(array) if written[s]]
-    problems = [f"shard {s}: file missing ({shard_path(array, s)})" for s in missing]
-    files, reader = ShardFiles.of(array, complete=True), DataReader(path)
-    steps = shard_steps(array)
-    for s in sorted(set(np.flatnonzero(written).tolist()) - set(missing)):
-        t0, t1 = s * steps, min((s + 1) * steps, array.shape[0])
-        try:
-            if files is not None:
-                files.read(t0, np.empty((t1 - t0, *array.shape[1:]), np.float32))
-            else:
-                reader[t0:t1]
-        except StoreError as err:
-            problems.append(f"shard {s}: {err.message}")
-    return problems, has_checksums(array)
-
-
 def done_flags(group: zarr.Group) -> np.ndarray:
     """Which shards have been written (and their statistics recorded)."""
     return np.asarray(read_array(group, "_build/done"), dtype=bool)
@@ -303,59 +294,15 @@ def channel_names(group: zarr.Group) -> list[str]:
     return [str(c) for c in read_array(group, "channel")]
 
 
-def summary(path: str | Path) -> str:
-    """A human-readable description of a store (``pipeline inspect``)."""
-    group = open_group(path)
-    attrs = attributes(group)
-    data = get_array(group, "data")
-    done = done_flags(group)
-    channels = channel_names(group)
-    roles = [str(r) for r in read_array(group, "channel_role")]
-    lines = [
-        f"store      {os.path.abspath(path)}",
-        f"status     {'complete' if attrs.get('complete') else 'INCOMPLETE'}: "
-        f"{int(done.sum())}/{done.size} shards written; dataset version "
-        f"{attrs.get('dataset_version')}, format {attrs.get('format_version')}",
-        f"shape      data {tuple(data.shape)} float32; chunk {tuple(data.chunks)}; "
-        f"shard {tuple(data.shards or data.chunks)}",
-        f"time       {attrs.get('time_start')} .. {attrs.get('time_end')} "
-        f"every {attrs.get('frequency')} ({data.shape[0]} steps)",
-        f"grid       {data.shape[2]} lat x {data.shape[3]} lon "
-        f"({attrs.get('grid', {}).get('lat_range')}, {attrs.get('grid', {}).get('lon_range')})",
-    ]
-    for split, (start, end) in attrs.get("splits", {}).items():
-        lines.append(f"split      {split:<5} {start} .. {end}")
-    lines.append(f"statistics over {attrs.get('statistics_period')} "
-                 f"(frozen since version {attrs.get('statistics_version')})")
-    # the name and role columns fit their longest entry, with a space after it
-    wide = max(len(c) for c in ["channel", *channels]) + 2
-    role_wide = max(len(r) for r in ["role", *roles]) + 1
-    header = f"  {'channel':<{wide}}{'role':<{role_wide}}{'mean':>12}{'std':>12}{'min':>12}{'max':>12}"
-    lines.append(header)
-    stats = statistics(group) if attrs.get("complete") else None
-    for i, (name, role) in enumerate(zip(channels, roles, strict=True)):
-        if stats is None:
-            lines.append(f"  {name:<{wide}}{role}")
-            continue
-        values = "".join(f"{stats[k][i]:>12.5g}" for k in ("mean", "std", "min", "max"))
-        lines.append(f"  {name:<{wide}}{role:<{role_wide}}{values}")
-    static = [str(c) for c in read_array(group, "static_channel")]
-    lines.append(f"static     {', '.join(static) or 'none'}")
-    lines.append(f"sources    {len(attrs.get('sources', []))} files; config hash "
-                 f"{attrs.get('config_hash')}; created {attrs.get('created')}, updated "
-                 f"{attrs.get('updated')}; code {attrs.get('code_version')}")
-    return "\n".join(lines)
-
-
 class StoreInfo:
     """What training needs to know about a complete store, read once (small arrays)."""
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = os.path.abspath(path)
         group = open_complete(self.path)
-        self.attrs = attributes(group)
+        self.attrs = store_attrs(group)
         channels = channel_names(group)
-        derived = self.attrs.get("config", {}).get("data", {}).get("derived", [])
+        derived = self.attrs.config.get("data", {}).get("derived", [])
         roles = [str(r) for r in read_array(group, "channel_role")]
         self.layout = Layout.from_roles(channels, roles,
                                         {d["name"]: list(d["inputs"]) for d in derived})
@@ -370,7 +317,7 @@ class StoreInfo:
 
     @property
     def dataset_version(self) -> int:
-        return int(self.attrs["dataset_version"])
+        return self.attrs.dataset_version
 
     @property
     def periodic_lon(self) -> bool:
@@ -386,7 +333,7 @@ class StoreInfo:
 
     def split_range(self, split: str) -> tuple[int, int]:
         """Inclusive index range of a split (train, val or test) on the time axis."""
-        start, end = self.attrs["splits"][split]
+        start, end = self.attrs.splits.of(split)
         mask = within(self.times, start, end)
         if not mask.any():
             raise StoreError(f"split '{split}' [{start}, {end}] has no time steps in {self.path}",
@@ -419,6 +366,6 @@ class StoreInfo:
 
     def fingerprint(self) -> dict[str, Any]:
         """What a checkpoint records of the store it was trained on."""
-        return {"path": self.path, "data_hash": self.attrs["data_hash"],
+        return {"path": self.path, "data_hash": self.attrs.data_hash,
                 "dataset_version": self.dataset_version, "channels": list(self.layout.channels),
                 "mean": self.stats["mean"].tolist(), "std": self.stats["std"].tolist()}

@@ -93,7 +93,7 @@ def chunks(items: np.ndarray, size: int) -> Iterator[np.ndarray]:
 
 def lead_hours(info: StoreInfo, steps: int) -> float | None:
     """Hours in ``steps`` store time steps, or None for calendar frequencies (months)."""
-    step = climatology.step_duration(info.attrs["frequency"])
+    step = climatology.step_duration(info.attrs.frequency)
     return None if step is None else steps * step.total_seconds() / 3600.0
 
 
@@ -152,7 +152,7 @@ def score(model: rollout.Forecaster, dataset: ForecastDataset, inits: np.ndarray
 
 def units(info: StoreInfo, channel: str) -> str:
     """The channel's units as the store records them ('' if it does not)."""
-    return str(info.attrs.get("channel_attrs", {}).get(channel, {}).get("units", ""))
+    return info.attrs.channel_attrs.get(channel, {}).get("units", "")
 
 
 def records(scores: Scores, info: StoreInfo, lead: int) -> list[dict[str, Any]]:
@@ -218,8 +218,8 @@ def evaluate(cfg: Config, run_dir: Path | None = None, report: bool = True) -> d
     first, last = info.split_range("train")
     out = list(info.layout.outputs)
     clim = climatology.compute(info.path, info.times, first, last, out, names,
-                               info.attrs["frequency"], ev.climatology_window,
-                               block=int(info.attrs.get("shard_size", 32)),
+                               info.attrs.frequency, ev.climatology_window,
+                               block=info.attrs.shard_size,
                                valid=info.layout.valid)
     scores = score(model, dataset, inits, leads, clim, ev.chunk_size, plot_channels)
     init_times = dataset.times[inits]
@@ -232,8 +232,8 @@ def evaluate(cfg: Config, run_dir: Path | None = None, report: bool = True) -> d
         "checkpoint_config_hash": model.meta.get("config_hash"),
         "split": ev.split,
         "leads": leads,
-        "lead_unit": f"model steps of {model.lead} x {info.attrs['frequency']}",
-        "frequency": info.attrs["frequency"],
+        "lead_unit": f"model steps of {model.lead} x {info.attrs.frequency}",
+        "frequency": info.attrs.frequency,
         "init_times": len(inits),
         "first_init": time_label(info.times[int(init_times[0])]),
         "last_init": time_label(info.times[int(init_times[-1])]),

@@ -57,7 +57,7 @@ def init_index(info: StoreInfo, text: str, history: int) -> int:
                           f"give an ISO time between {start} and {end}") from None
     if hits.size == 0:
         raise ConfigError(f"--init {text} is not a time step of the store ({start} .. {end}, "
-                          f"every {info.attrs['frequency']})", "choose a time step in that range")
+                          f"every {info.attrs.frequency})", "choose a time step in that range")
     if hits.size > 1:
         raise ConfigError(f"--init {text} matches {hits.size} time steps "
                           f"({time_label(info.times[hits[0]])} .. {time_label(info.times[hits[-1]])})",
@@ -86,7 +86,7 @@ def target_forcings(model: rollout.Forecaster, t: int, steps: int) -> tuple[np.n
     info = model.info
     idx = t + model.lead * np.arange(1, steps + 1)
     inside = idx[idx < info.n_time]
-    future = extend_times(info.times, int(idx[-1]) - info.n_time + 1, info.attrs["frequency"])
+    future = extend_times(info.times, int(idx[-1]) - info.n_time + 1, info.attrs.frequency)
     valid = info.times[inside].append(future[idx[idx >= info.n_time] - info.n_time])
     forcing = list(info.layout.forcings)
     values = np.empty((steps, len(forcing), info.lat.size, info.lon.size), np.float32)
@@ -105,17 +105,17 @@ def target_forcings(model: rollout.Forecaster, t: int, steps: int) -> tuple[np.n
 
 def lead_coordinate(info: StoreInfo, steps: np.ndarray) -> tuple[Any, dict[str, str]]:
     """Lead times as timedeltas (fixed frequencies) or step counts (calendar months)."""
-    step = step_duration(info.attrs["frequency"])
+    step = step_duration(info.attrs.frequency)
     attrs = {"long_name": "lead time", "standard_name": "forecast_period"}
     if step is not None:
         return pd.to_timedelta(steps * step).to_numpy(), attrs
-    return steps, {**attrs, "units": f"steps of {info.attrs['frequency']}"}
+    return steps, {**attrs, "units": f"steps of {info.attrs.frequency}"}
 
 
 def channel_attrs(info: StoreInfo, name: str) -> dict[str, str]:
     """CF attributes of a channel (units, long_name, standard_name) as the store records
     them from the sources (stores built before it did have only the name)."""
-    known = info.attrs.get("channel_attrs", {}).get(name, {})
+    known = info.attrs.channel_attrs.get(name, {})
     attrs = {k: str(v) for k, v in known.items() if k in ("units", "long_name", "standard_name")}
     attrs.setdefault("long_name", name)
     return attrs
@@ -174,8 +174,8 @@ def forecast_dataset(model: rollout.Forecaster, t: int, pred: np.ndarray, valid:
         "config_hash": str(meta.get("config_hash")),
         "store": info.path,
         "store_version": info.dataset_version,
-        "store_data_hash": str(info.attrs.get("data_hash")),
-        "frequency": str(info.attrs["frequency"]),
+        "store_data_hash": info.attrs.data_hash,
+        "frequency": info.attrs.frequency,
         "code_version": __version__,
         "created": store.now(),
         "history": f"{store.now()} pipeline predict from {time_label(info.times[t])}, "

@@ -8,11 +8,13 @@ commands; training through Ray where the fault only shows inside a worker.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -202,6 +204,48 @@ def test_a_corrupt_data_metadata_is_one_line(tiny_store: Path, tiny_raw: Path,
     cfg = write_config(tmp_path / "t.yaml", train_config(store, tmp_path / "runs", tiny_raw))
     assert_user_error(run_cli("train", str(cfg), timeout=120), "data/zarr.json is unreadable")
 
+
+
+def edit_attrs(store: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    """Change the root attributes in the store's ``zarr.json``, as a hand edit or an
+    older build leaves them."""
+    meta = store / "zarr.json"
+    tree = json.loads(meta.read_text())
+    change(tree["attributes"])
+    meta.write_text(json.dumps(tree))
+
+
+@pytest.mark.parametrize(("field", "change", "said"), [
+    ("frequency", lambda a: a.pop("frequency"), "is missing"),
+    ("dataset_version", lambda a: a.update(dataset_version="1"), "is '1': input should be a "
+     "valid integer"),
+    ("splits.val", lambda a: a["splits"].update(val=["2000-02-16"]), "at least 2 items"),
+], ids=["missing", "wrong-type", "short-range"])
+def test_bad_store_attributes_are_one_line_naming_the_field(
+        field: str, change: Callable[[dict[str, Any]], None], said: str, tiny_store: Path,
+        tiny_raw: Path, tmp_path: Path) -> None:
+    store = copy_store(tiny_store, tmp_path)
+    edit_attrs(store, change)
+    cfg = write_config(tmp_path / "t.yaml", train_config(store, tmp_path / "runs", tiny_raw))
+    for result in (run_cli("train", str(cfg), timeout=120),
+                   run_cli("inspect", str(store), timeout=120)):
+        line = assert_user_error(result, f"training store {store}: attribute '{field}' is",
+                                 said, "pipeline preprocess")
+        assert "more bad attribute" not in line
+    with pytest.raises(StoreError, match=f"attribute '{field}'"):
+        StoreInfo(store)
+
+
+def test_store_attributes_read_back_as_written_and_keep_unknown_keys(
+        tiny_store: Path, tmp_path: Path) -> None:
+    written = zarr.open_group(str(tiny_store), mode="r").attrs.asdict()
+    assert StoreInfo(tiny_store).attrs.to_json() == written  # the same JSON, key for key
+    store = copy_store(tiny_store, tmp_path)
+    edit_attrs(store, lambda a: a.update(added_by_a_newer_build={"x": 1}))
+    info = StoreInfo(store)
+    assert info.attrs.model_extra == {"added_by_a_newer_build": {"x": 1}}
+    assert info.attrs.frequency == "6h" and info.dataset_version == written["dataset_version"]
+    assert run_cli("inspect", str(store), timeout=120).returncode == 0
 
 def test_runs_dir_naming_a_file_is_one_line(tiny_store: Path, tiny_raw: Path,
                                             tmp_path: Path) -> None:
