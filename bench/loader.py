@@ -19,7 +19,11 @@ the one-process limits above). On a machine with a GPU, also the BatchLoader del
 batches to the GPU: samples made on the host then copied, or assembled on the GPU from
 the raw steps (``train.assemble_on_device``, the default there). Last, the split kept
 in memory (``train.resident``; on the GPU when there is one): its one-off read, then the
-batches gathered from it. The machine is shared:
+batches gathered from it. The limit under all of them, measured in the same run:
+``codec_limit``, the store's own encoded steps (read once from its shard files into
+memory) decoded by the codec alone into one reused buffer on one thread (and with
+Blosc's own threads, ``codec_limit_blosc_threads``); every loader's decoded bytes per
+second per reader are reported as a ratio of it (``decoded``). The machine is shared:
 every measure runs once per round (``--rounds``), rounds interleave them, and the best
 round counts.
 
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -37,6 +42,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numcodecs
 import numpy as np
 import torch
 import zarr
@@ -47,6 +53,7 @@ from pipeline.config import load_config
 from pipeline.data.dataset import RUN_LENGTH, BlockShuffleSampler, ForecastDataset, consecutive_runs
 from pipeline.data.loading.batches import BatchLoader, Readers
 from pipeline.data.loading.resident import ResidentLoader, ResidentSplit
+from pipeline.data.shards import ShardFiles
 from pipeline.data.store import StoreInfo
 
 
@@ -94,6 +101,26 @@ def _zarr_reader(args: tuple[str, Reads]) -> int:
     for lo, hi, _ in reads:
         arr[lo:hi]
     return sum(n for _, _, n in reads)
+
+
+def codec_rate(codec: Any, encoded: list[bytes], out: np.ndarray, threads: int = 1,
+               min_seconds: float = 2.0) -> float:
+    """Decoded bytes per second of ``codec`` alone: ``encoded`` (steps already in memory)
+    decoded into the one reused buffer ``out`` by ``threads`` Blosc threads (numcodecs'
+    default: as many as cores, in a process's main thread only)."""
+    default = numcodecs.blosc.use_threads
+    numcodecs.blosc.use_threads = threads > 1
+    before = numcodecs.blosc.set_nthreads(threads)
+    try:
+        done, start = 0, time.perf_counter()
+        while time.perf_counter() - start < min_seconds:
+            for e in encoded:
+                codec.decode(e, out=out)
+                done += out.nbytes
+        return done / (time.perf_counter() - start)
+    finally:
+        numcodecs.blosc.use_threads = default
+        numcodecs.blosc.set_nthreads(before)
 
 
 def parallel_zarr_rate(path: str, ranges: Reads, processes: int) -> float:
@@ -160,7 +187,7 @@ def gpu_batch_loader_rate(dataset: ForecastDataset, sampler: BlockShuffleSampler
 
 
 def resident_measure(dataset: ForecastDataset, sampler: BlockShuffleSampler, readers: int,
-                     batch: int) -> tuple[dict[str, float], Callable[[], float]]:
+                     batch: int) -> tuple[dict[str, Any], Callable[[], float]]:
     """The split read into memory (on the GPU when there is one) with ``readers`` threads:
     what the read took, and the measure of the batches gathered from it."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -209,7 +236,17 @@ def main() -> int:
              for kind in ("samples", "runs")}
     first_runs = sample_reads(dataset, order, 8, runs=True)  # the one-process limit's reads
     counts = [int(x) for x in args.readers.split(",")]
+    shard_files = ShardFiles.of(arr, complete=True)
+    if shard_files is None or shard_files.codec is None:
+        raise SystemExit("error: the codec limit needs a compressed store in the pipeline's "
+                         "layout (use the benchmark store)")
+    first_steps = sorted({t for lo, hi, _ in first_runs for t in range(lo, hi)})[:32]
+    encoded = [shard_files.encoded(t) for t in first_steps]  # read once, before any measure
+    step_buffer = np.empty(arr.shape[1:], dtype=arr.dtype)
     measures: dict[str, Callable[[], float]] = {
+        "codec_limit": partial(codec_rate, shard_files.codec, encoded, step_buffer),
+        "codec_limit_blosc_threads": partial(codec_rate, shard_files.codec, encoded, step_buffer,
+                                             os.cpu_count() or 1),
         "pipeline": lambda: rate(lambda i: dataset[i], order),
         "zarr_limit": lambda: rate(lambda i: arr[slice(*ranges[order.index(i)])], order),
         "zarr_limit_runs": lambda: reads_rate(arr, first_runs),
@@ -241,12 +278,18 @@ def main() -> int:
     ours, limit, naive = best["pipeline"], best["zarr_limit"], best["xarray_per_sample"]
     limit_runs = best["zarr_limit_runs"]
     ours_parallel = best["dataloader"]
-    limit_parallel = best[f"zarr_{args.workers}_processes_samples"]
-    limit_parallel_runs = best[f"zarr_{args.workers}_processes_runs"]
+
+    def zarr_at(n: int, kind: str) -> float:
+        """The plain zarr limit at parallelism ``n`` (1: the one-process limits)."""
+        if n == 1:
+            return limit if kind == "samples" else limit_runs
+        return best[f"zarr_{n}_processes_{kind}"]
+
+    limit_parallel = zarr_at(args.workers, "samples")
+    limit_parallel_runs = zarr_at(args.workers, "runs")
     batch_loader = {}
     for n in counts:
-        zarr_n = limit if n == 1 else best[f"zarr_{n}_processes_samples"]
-        zarr_n_runs = limit_runs if n == 1 else best[f"zarr_{n}_processes_runs"]
+        zarr_n, zarr_n_runs = zarr_at(n, "samples"), zarr_at(n, "runs")
         for kind in readers:
             ours_n = best[f"{kind}_{n}"]
             to_gpu = {f"to_gpu_{where}": round(best[f"{kind}_{n}_gpu_{where}"], 1)
@@ -257,11 +300,36 @@ def main() -> int:
                                            "ratio": round(ours_n / zarr_n, 2),
                                            "ratio_runs": round(ours_n / zarr_n_runs, 2)}
 
+    # decoded bytes: the steps each measure decodes per sample (the runs' union for the
+    # loaders that read runs), times the bytes of a step
+    step_bytes = float(np.prod(arr.shape[1:])) * 4
+    per_run = sum(hi - lo for lo, hi, _ in reads["runs"]) / sum(n for _, _, n in reads["runs"])
+    per_sample = args.history + 1
+    codec_limit = best["codec_limit"]
+    decoded_measures = {"pipeline": (per_sample, 1), "zarr_limit": (per_sample, 1),
+                        "zarr_limit_runs": (per_run, 1), "dataloader": (per_run, args.workers),
+                        **{f"{kind}_{n}": (per_run, n) for n in counts for kind in readers}}
+    decoded = {}
+    for name, (steps, n) in decoded_measures.items():
+        gb = best[name] * steps * step_bytes / 1e9
+        decoded[name] = {"readers": n, "gb_per_s": round(gb, 3),
+                         "per_reader_gb_per_s": round(gb / n, 3),
+                         "ratio_per_reader_to_codec": round(gb / n / (codec_limit / 1e9), 2)}
+    scaling = {f"scaling_{max(counts)}_over_{min(counts)}_readers": {
+        kind: round(best[f"{kind}_{max(counts)}"] / best[f"{kind}_{min(counts)}"], 2)
+        for kind in readers}} if len(counts) > 1 else {}
+
     write_result(args.out, {
         "benchmark": "loader",
         "machine": machine(),
         "store": {"shape": list(arr.shape), "history": args.history, "sample_mb": round(sample_mb, 2)},
         "rounds": args.rounds,
+        "decoded": {"codec_limit_gb_per_s": round(codec_limit / 1e9, 3),
+                    "codec_limit_blosc_threads_gb_per_s": round(
+                        best["codec_limit_blosc_threads"] / 1e9, 3),
+                    "blosc_threads": os.cpu_count(),
+                    "steps_per_sample": {"per_sample": per_sample, "runs": round(per_run, 3)},
+                    "measures": decoded, **scaling},
         "one_process_samples_per_s": {"pipeline": round(ours, 1), "zarr_limit": round(limit, 1),
                                       "zarr_limit_runs": round(limit_runs, 1),
                                       "zarr_reused_buffer": round(best["zarr_reused_buffer"], 1),

@@ -133,3 +133,38 @@ def test_read_into_handles_channels_that_are_not_consecutive(tiny_store: Path) -
     got = ds[7]
     for key in expected:
         assert torch.equal(got[key], expected[key]), key
+
+
+def test_runs_bitwise_alike_through_zarr_into_strided_arrays_and_channel_lists(
+        tiny_store: Path) -> None:
+    """A run's steps are decoded into the samples' own inputs where they can be
+    (ShardFiles), else into the reused block (through zarr, or into inputs that are not
+    contiguous), with consecutive or listed target channels: bitwise the samples alone."""
+    ds = ForecastDataset(StoreInfo(tiny_store), "train", history=2, lead=1, rollout=2)
+    run = [20, 21, 22, 23, 24]
+    alone = [ds[i] for i in run]
+
+    def read(strided: bool) -> dict[str, np.ndarray]:
+        arrays = {k: np.full((len(run), *shape), 7.0, np.float32)
+                  for k, shape in ds.sample_shapes.items()}
+        if strided:  # every other lon of a buffer twice as wide
+            wide = np.full((len(run), *ds.sample_shapes["inputs"][:-1],
+                            2 * ds.sample_shapes["inputs"][-1]), 7.0, np.float32)
+            arrays["inputs"] = wide[..., ::2]
+        ds.read_run_into(run, arrays["inputs"], arrays["target_forcings"], arrays["targets"],
+                         arrays.get("target_masks"))
+        return arrays
+
+    def check(arrays: dict[str, np.ndarray], how: str) -> None:
+        for j, sample in enumerate(alone):
+            for key, array in arrays.items():
+                assert torch.equal(torch.from_numpy(np.ascontiguousarray(array[j])),
+                                   sample[key]), (how, run[j], key)
+
+    assert ds._steps is not None  # the store's shards, decoded by ShardFiles
+    check(read(strided=False), "shards")
+    check(read(strided=True), "shards, strided inputs")
+    ds._outputs = np.asarray(ds.layout.outputs)  # the index-array path, same channels
+    check(read(strided=False), "channel list")
+    ds._steps = None  # what any other layout reads through: zarr
+    check(read(strided=False), "zarr")

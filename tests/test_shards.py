@@ -49,6 +49,36 @@ def test_steps_decoded_from_shards_are_bitwise_zarrs(tmp_path: Path, codec: Code
         assert out.view(np.uint32).tobytes() == expected.view(np.uint32).tobytes(), (first, n)
 
 
+@pytest.mark.parametrize("codec", [Codec(), Codec(name="none")], ids=["blosc", "none"])
+def test_steps_decoded_into_their_own_arrays_each_then_handed_on(tmp_path: Path,
+                                                                 codec: Codec) -> None:
+    """Each step into an array of its own (a sample's buffer), across shards and past
+    steps never written; ``then(k)`` runs once step k is in, in order."""
+    array = data_array(tmp_path / "s.zarr", codec)
+    reader = ShardFiles.of(array)
+    assert reader is not None
+    first, n = 5, 16
+    out = [np.full(SHAPE[1:], 7.0, dtype=np.float32) for _ in range(n)]
+    seen: list[tuple[int, bytes]] = []
+    reader.read(first, out, lambda k: seen.append((k, out[k].tobytes())))
+    expected = array[first:first + n]
+    assert [k for k, _ in seen] == list(range(n))
+    for k in range(n):
+        assert seen[k][1] == expected[k].tobytes() == out[k].tobytes(), k
+
+
+def test_encoded_steps_decode_to_zarrs_values(tmp_path: Path) -> None:
+    array = data_array(tmp_path / "s.zarr", Codec())
+    reader = ShardFiles.of(array)
+    assert reader is not None and reader.codec is not None
+    step = np.empty(SHAPE[1:], dtype=np.float32)
+    for t in (0, 7, 17):
+        reader.codec.decode(reader.encoded(t), out=step)
+        assert step.tobytes() == array[t].tobytes(), t
+    with pytest.raises(ValueError, match="never written"):
+        reader.encoded(9)
+
+
 @pytest.mark.parametrize(("shards", "chunk_steps"), [(None, 1), (SHARD, 2)],
                          ids=["unsharded", "two-steps-per-chunk"])
 def test_other_layouts_are_left_to_zarr(tmp_path: Path, shards: int | None,

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -103,6 +103,7 @@ class ForecastDataset(Dataset):
         self._pid = -1
         self._local = threading.local()
         self._on_device: dict[torch.device, tuple[Any, ...]] = {}  # see _device_constants
+        self._places: dict[int, list[list[tuple[str, int, int]]]] = {}  # see _step_places
 
     @property
     def _target_channels(self) -> dict[str, slice | np.ndarray]:
@@ -131,17 +132,20 @@ class ForecastDataset(Dataset):
             self._pid = os.getpid()
         return self._array
 
-    def _read_block(self, t: int, extra: int = 0) -> np.ndarray:
-        """The raw steps ``t - history + 1 .. t + lead * rollout + extra`` in one zarr
-        read, into this thread's reused buffer: a fresh 10-20 MB array per read costs
-        more in page faults than the normalisation (bench/loader.py)."""
-        steps = self._block_shape[0] + extra
+    def _read_block(self, t: int) -> np.ndarray:
+        """The raw steps ``t - history + 1 .. t + lead * rollout`` in one read, into
+        this thread's reused buffer."""
+        block = self._block(self._block_shape[0])
+        self.read_steps_into(t - self.history + 1, block)
+        return block
+
+    def _block(self, steps: int) -> np.ndarray:
+        """This thread's reused buffer for ``steps`` raw steps: a fresh 10-20 MB array
+        per read costs more in page faults than the normalisation (bench/loader.py)."""
         buffer = getattr(self._local, "block", None)
         if buffer is None or buffer.shape[0] < steps:
             buffer = self._local.block = np.empty((steps, *self._block_shape[1:]), dtype=np.float32)
-        block = buffer[:steps]  # contiguous: a view of the first steps
-        self.read_steps_into(t - self.history + 1, block)
-        return block
+        return buffer[:steps]  # contiguous: a view of the first steps
 
     @property
     def steps_per_shard(self) -> int:
@@ -149,20 +153,31 @@ class ForecastDataset(Dataset):
         array = self._data()
         return int((getattr(array, "shards", None) or array.chunks)[0])
 
-    def read_steps_into(self, first: int, out: np.ndarray) -> None:
-        """The raw steps ``first .. first + len(out) - 1`` into ``out`` (C-contiguous):
-        by ``shards.ShardFiles``, which decodes each step straight into ``out``, for the
-        layout this pipeline writes; through zarr for any other."""
+    def read_steps_into(self, first: int, out: np.ndarray | Sequence[np.ndarray],
+                        then: Callable[[int], None] | None = None) -> None:
+        """The raw steps ``first .. first + len(out) - 1`` into ``out`` (one C-contiguous
+        array of them, or each step's own C-contiguous array): by ``shards.ShardFiles``,
+        which decodes each step straight into ``out``, for the layout this pipeline
+        writes; through zarr for any other. ``then(k)``, if given, runs once ``out[k]``
+        is in: at once after its decode with ShardFiles (while the step is in cache),
+        after the whole read with zarr."""
         array = self._data()
         if self._steps is not None:
-            self._steps.read(first, out)
+            self._steps.read(first, out, then)
             return
-        buffer = default_buffer_prototype().nd_buffer.from_numpy_array(out)
+        steps = out if isinstance(out, np.ndarray) else \
+            np.empty((len(out), *self._block_shape[1:]), dtype=np.float32)
+        buffer = default_buffer_prototype().nd_buffer.from_numpy_array(steps)
         try:
-            array.get_basic_selection(slice(first, first + out.shape[0]), out=buffer)
+            array.get_basic_selection(slice(first, first + len(out)), out=buffer)
         except (ValueError, RuntimeError):  # a damaged chunk: name its step, or re-raise
-            store.DataReader(self.path)[first:first + out.shape[0]]
+            store.DataReader(self.path)[first:first + len(out)]
             raise
+        for k in range(len(out)):
+            if steps is not out:
+                np.copyto(out[k], steps[k])
+            if then is not None:
+                then(k)
 
     def _run_times(self, indices: Sequence[int]) -> np.ndarray:
         """The time indices of a run's samples; they must be consecutive."""
@@ -257,30 +272,67 @@ class ForecastDataset(Dataset):
             if target_masks is None:
                 raise ValueError("this store has masks: read_run_into needs target_masks")
             outs["target_masks"] = target_masks
-        block = self._read_block(int(times[0]), extra=times.size - 1)
         if times.size == 1:  # nothing shared: normalise straight into the sample
+            block = self._read_block(int(times[0]))
             self._normalise_into(block, inputs[0], {k: v[0] for k, v in outs.items()})
             return times
-        self._normalise_steps(block, self._steps_used(times.size))
-        span = self._block_shape[0]
-        for k in range(times.size):
-            self._sample_into(block[k:k + span], inputs[k], {key: v[k] for key, v in outs.items()})
+        outs["inputs"] = inputs
+        places = self._step_places(times.size)
+        block = self._block(self.run_steps(times.size))
+        # each step is decoded straight into the inputs of a sample that uses it where
+        # there is one (then copied to the others), else into the reused block
+        into: list[np.ndarray] = []
+        others: list[list[tuple[str, int, int]]] = []
+        for row, where in enumerate(places):
+            home = next((p for p in where if p[0] == "inputs"
+                         and inputs[p[1], p[2]].flags.c_contiguous), None)
+            into.append(block[row] if home is None else inputs[home[1], home[2]])
+            others.append([p for p in where if p is not home])
+
+        def settle(row: int) -> None:
+            """Step ``row`` is in: normalise it and copy it into the other samples that
+            use it while it is in cache (with the whole block read first, each step was
+            out of cache again when normalised and when copied into each sample)."""
+            if places[row]:
+                self._settle_step(into[row], others[row], outs)
+
+        self.read_steps_into(int(times[0]) - self.history + 1, into, settle)
         return times
 
-    def _steps_used(self, n: int) -> np.ndarray:
-        """Rows of a run's block that a run of ``n`` samples uses (with ``lead > 1`` a
-        lone sample skips the steps between its targets)."""
-        return np.unique(np.concatenate([rows.ravel() for rows in self.sample_rows(n)]))
+    def _step_places(self, n: int) -> list[list[tuple[str, int, int]]]:
+        """Per row of the block of a run of ``n`` samples: where the samples hold it,
+        (key, sample, row of the sample). No place: a row no sample uses (with ``lead >
+        1`` a lone sample skips the steps between its targets). The same per ``n``,
+        so made once."""
+        cache = self._places
+        if n not in cache:
+            places: list[list[tuple[str, int, int]]] = [[] for _ in range(self.run_steps(n))]
+            inputs_at, targets_at = self.sample_rows(n)
+            for k in range(n):
+                for j, row in enumerate(inputs_at[k]):
+                    places[row].append(("inputs", k, j))
+                for j, row in enumerate(targets_at[k]):
+                    places[row] += [(key, k, j) for key in self._target_channels]
+            cache[n] = places
+        return cache[n]
 
-    def _normalise_steps(self, block: np.ndarray, steps: np.ndarray) -> None:
-        """Normalise the given steps of a run's raw block in place, one step at a time
-        while it is in cache: each step once, however many of the run's samples share
-        it, where normalising every sample's copy did each step up to ``history +
-        rollout`` times (the same float32 operations, so bitwise the same values)."""
-        for s in steps:
-            step = block[s]
-            np.subtract(step, self._mean, out=step)
-            np.multiply(step, self._inv_std, out=step)
+    def _settle_step(self, step: np.ndarray, places: list[tuple[str, int, int]],
+                     outs: dict[str, np.ndarray]) -> None:
+        """Normalise one raw step in place, once however many samples share it (the
+        same float32 operations as every other path, so bitwise the same values), then
+        copy it (inputs) or its channels (targets) into each of its ``places``."""
+        np.subtract(step, self._mean, out=step)
+        np.multiply(step, self._inv_std, out=step)
+        target_channels = self._target_channels
+        for key, k, j in places:
+            if key == "inputs":
+                np.copyto(outs[key][k, j], step)
+                continue
+            channels = target_channels[key]
+            if isinstance(channels, slice):
+                np.copyto(outs[key][k, j], step[channels])
+            else:
+                np.take(step, channels, axis=0, out=outs[key][k, j])
 
     def _normalise_into(self, window: np.ndarray, inputs: np.ndarray,
                         targets: dict[str, np.ndarray]) -> None:
@@ -297,18 +349,6 @@ class ForecastDataset(Dataset):
     def _target_rows(self, window: np.ndarray) -> np.ndarray:
         """The steps of a sample's ``window`` that hold its targets (a view)."""
         return window[self.history - 1 + self.lead:: self.lead][: self.rollout]
-
-    def _sample_into(self, window: np.ndarray, inputs: np.ndarray,
-                     targets: dict[str, np.ndarray]) -> None:
-        """One sample from its normalised steps ``window`` (history, then the lead steps)."""
-        np.copyto(inputs, window[:self.history])
-        rows = self._target_rows(window)
-        for key, channels in self._target_channels.items():
-            out = targets[key]
-            if isinstance(channels, slice):
-                np.copyto(out, rows[:, channels])
-            else:
-                np.take(rows, channels, axis=1, out=out)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return self.__getitems__([i])[0]

@@ -11,8 +11,9 @@ this pipeline writes has one layout (``store.create``): shards of whole steps al
 time, one inner chunk per step, the bytes codec then Blosc, Zstd or no compression,
 then (format 2 stores) a CRC32C of the step's bytes, checked on every read, and the
 shard index (offset and length of each step, little-endian uint64) at the end with a
-CRC32C. For that layout, ``ShardFiles`` decodes each step straight into the
-caller's buffer (2.2x zarr's single-thread rate on the benchmark store; bench/loader.py)
+CRC32C. For that layout, ``ShardFiles`` checks and decodes each step straight from
+the shard file mapped into memory into the caller's buffer (2.2x zarr's single-thread
+rate on the benchmark store, 0.6-0.8x of the codec's own decode; bench/loader.py),
 and writes a shard as its encoded steps and its index in one file, atomically. The
 metadata stays zarr's, and zarr and xarray read the shards as their own (tested). Any
 other layout is left to zarr.
@@ -20,8 +21,10 @@ other layout is left to zarr.
 
 from __future__ import annotations
 
+import mmap
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -138,17 +141,52 @@ class ShardFiles:
 
     # ------------------------------------------------------------------ reading
 
-    def read(self, first: int, out: np.ndarray) -> None:
-        """Steps ``first .. first + len(out) - 1`` into ``out`` (C-contiguous)."""
-        t, stop = first, first + out.shape[0]
+    @property
+    def codec(self) -> Any | None:
+        """The numcodecs compressor of the steps (None: stored uncompressed)."""
+        return self._codec
+
+    def read(self, first: int, out: np.ndarray | Sequence[np.ndarray],
+             then: Callable[[int], None] | None = None) -> None:
+        """Steps ``first .. first + len(out) - 1`` into ``out`` (one C-contiguous array of
+        them, or each step's own C-contiguous array); ``then(k)``, if given, runs as soon
+        as ``out[k]`` is in, while it is still in the CPU's cache."""
+        t, stop = first, first + len(out)
         while t < stop:
             shard = t // self._shard_steps
             end = min(stop, (shard + 1) * self._shard_steps)
-            self._read_shard(shard, t, out[t - first:end - first])
+            self._read_shard(shard, t, out[t - first:end - first], then, t - first)
             t = end
 
-    def _read_shard(self, shard: int, first: int, out: np.ndarray) -> None:
-        """Steps ``first ..`` (all in ``shard``) into ``out``."""
+    def encoded(self, t: int) -> bytes:
+        """Step ``t``'s bytes as stored, less their checksum (checked): what the codec
+        decodes (the benchmark's codec limit, bench/loader.py)."""
+        path, data, index = self._map(t // self._shard_steps)
+        offset, length = (int(v) for v in index[t % self._shard_steps])
+        if data is None or offset == EMPTY:
+            raise ValueError(f"step {t} was never written")
+        return self._body(data[offset:offset + length], length, path, t).tobytes()
+
+    def _read_shard(self, shard: int, first: int, out: np.ndarray | Sequence[np.ndarray],
+                    then: Callable[[int], None] | None, base: int) -> None:
+        """Steps ``first ..`` (all in ``shard``) into ``out``; ``then(base + k)`` after
+        ``out[k]``."""
+        path, data, index = self._map(shard)
+        for k in range(len(out)):
+            offset, length = (int(v) for v in index[first - shard * self._shard_steps + k])
+            step = out[k]
+            if data is None or (offset == EMPTY and length == EMPTY):
+                step[...] = self._fill  # never written: the fill value, as in zarr
+            else:
+                self._decode(data[offset:offset + length], length, step, path, first + k)
+            if then is not None:
+                then(base + k)
+
+    def _map(self, shard: int) -> tuple[Path, np.ndarray | None, np.ndarray]:
+        """The shard's file mapped into memory (None: never written, in a store that may
+        lack shards) and its index checked, (offset, length) per step. Mapped, each step
+        is checked and decoded straight from the page cache, where reading it into a
+        buffer first copied it (the map, read-only, goes with its last view)."""
         path = self._path(shard)
         try:
             f = open(path, "rb")  # noqa: SIM115 (closed below)
@@ -156,52 +194,44 @@ class ShardFiles:
             if self._complete:
                 raise StoreError(f"training store {self._store} has lost shard file {path}",
                                  REBUILD) from None
-            out[...] = self._fill  # a shard never written reads as the fill value, as in zarr
-            return
+            return path, None, np.full((self._shard_steps, 2), EMPTY, dtype="<u8")
         with f:
-            f.seek(0, 2)
-            if f.tell() < self._index_bytes:
+            if os.fstat(f.fileno()).st_size < self._index_bytes:
                 raise StoreError(f"shard {path} is truncated", REBUILD)
-            f.seek(-self._index_bytes, 2)
-            try:
-                index = self._crc.decode(f.read(self._index_bytes))
-            except RuntimeError as err:
-                raise StoreError(f"shard {path} is corrupt: its index checksum does not match",
-                                 REBUILD) from err
-            pairs = np.frombuffer(index, dtype="<u8").reshape(self._shard_steps, 2)
-            for k in range(out.shape[0]):
-                offset, length = (int(v) for v in pairs[first - shard * self._shard_steps + k])
-                step = out[k]
-                if offset == EMPTY and length == EMPTY:
-                    step[...] = self._fill
-                    continue
-                f.seek(offset)
-                self._decode(f, length, step, path, first + k)
+            data = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8)
+        try:
+            index = self._crc.decode(data[data.size - self._index_bytes:])
+        except RuntimeError as err:
+            raise StoreError(f"shard {path} is corrupt: its index checksum does not match",
+                             REBUILD) from err
+        return path, data, np.frombuffer(index, dtype="<u8").reshape(self._shard_steps, 2)
 
-    def _decode(self, f: Any, length: int, step: np.ndarray, path: Path, t: int) -> None:
-        """Step ``t`` (``length`` bytes at the file's position) into ``step``."""
-        tail = 4 if self._checksum else 0
-        if self._codec is None:
-            if length != step.nbytes + tail or f.readinto(step.data.cast("B")) != step.nbytes:
-                raise StoreError(f"shard {path} holds a step of the wrong size", REBUILD)
-            self._check(step.view(np.uint8).reshape(-1), f.read(tail), path, t)
-            return
-        encoded = np.frombuffer(f.read(length), dtype=np.uint8)
-        if encoded.size != length:
+    def _body(self, stored: np.ndarray, length: int, path: Path, t: int) -> np.ndarray:
+        """A step's encoded bytes (``stored``, its ``length`` bytes in the file, checksum
+        included), checked."""
+        if stored.size != length:
             raise StoreError(f"shard {path} is truncated", REBUILD)
-        body = encoded[:length - tail]
-        self._check(body, encoded[length - tail:].tobytes(), path, t)
+        tail = 4 if self._checksum else 0
+        body = stored[:length - tail]
+        if self._checksum and _crc32c(body) != stored[length - tail:].tobytes():
+            raise StoreError(f"training store {self._store} is corrupt at time step {t}: its "
+                             f"checksum does not match (shard file {path})", REBUILD)
+        return body
+
+    def _decode(self, stored: np.ndarray, length: int, step: np.ndarray, path: Path,
+                t: int) -> None:
+        """Step ``t`` from its ``stored`` bytes (``length`` in the file) into ``step``."""
+        if self._codec is None:
+            if length != step.nbytes + (4 if self._checksum else 0):
+                raise StoreError(f"shard {path} holds a step of the wrong size", REBUILD)
+            np.copyto(step.reshape(-1).view(np.uint8), self._body(stored, length, path, t))
+            return
+        body = self._body(stored, length, path, t)
         try:
             self._codec.decode(body, out=step)
         except (RuntimeError, ValueError) as err:
             raise StoreError(f"shard {path} holds a step that does not decode: {err}",
                              REBUILD) from err
-
-    def _check(self, body: np.ndarray, stored: bytes, path: Path, t: int) -> None:
-        """Compare a step's bytes with the CRC32C stored after them (format 2 stores)."""
-        if self._checksum and _crc32c(body) != stored:
-            raise StoreError(f"training store {self._store} is corrupt at time step {t}: its "
-                             f"checksum does not match (shard file {path})", REBUILD)
 
 
 def _crc32c(data: Any) -> bytes:

@@ -10,6 +10,7 @@ from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPool
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numcodecs
 import numpy as np
 import torch
 from torch.utils.data import Sampler
@@ -241,8 +242,12 @@ _reader_process: tuple[ForecastDataset, list[dict[str, np.ndarray]]] | None = No
 
 
 def _start_reader_process(dataset: ForecastDataset, buffers: list[dict[str, torch.Tensor]]) -> None:
-    """In a reader process: keep the dataset and numpy views of the shared buffers."""
+    """In a reader process: keep the dataset and numpy views of the shared buffers, and
+    decode with one Blosc thread (numcodecs' default in a process's main thread is one
+    per core): a reader is one core, and more readers scale the whole read, where
+    Blosc's threads scale only its decode (bench/loader.py)."""
     global _reader_process
+    numcodecs.blosc.use_threads = False
     _reader_process = (dataset, [{k: v.numpy() for k, v in b.items()} for b in buffers])
 
 
