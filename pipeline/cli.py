@@ -59,7 +59,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"preempted at step {result.metrics.get('step')}; checkpoint saved in "
               f"{result.run_dir / 'checkpoints'} (run the same command to continue)")
         return PREEMPTED_EXIT_CODE
-    if not result.metrics:
+    if result.worker_only:
         print(f"this task served as a Ray worker node of {result.run_dir}")
         return 0
     val = result.metrics.get("val_loss")
@@ -101,6 +101,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.evaluate.evaluate import evaluate_target
+    from pipeline.evaluate.results import read_metrics
     from pipeline.evaluate.verdict import lead_verdicts
 
     overrides = list(args.overrides)
@@ -109,9 +110,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.leads:
         overrides.append(f"evaluate.leads={args.leads}")
     eval_dir = evaluate_target(args.config, overrides)
-    metrics = json.loads((eval_dir / "metrics.json").read_text())
-    print(f"{metrics['split']} split, {metrics['init_times']} init times:")
-    print("\n".join(f"  {line}" for line in lead_verdicts(metrics)))
+    metrics = read_metrics(eval_dir / "metrics.json")
+    print(f"{metrics.split} split, {metrics.init_times} init times:")
+    print("\n".join(f"  {line}" for line in lead_verdicts(metrics.as_dict())))
     print(f"wrote {eval_dir / 'metrics.json'} and {eval_dir / 'report.html'}")
     return 0
 
@@ -144,7 +145,8 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 
 def cmd_registry(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
-    from pipeline.registry import ModelRegistry, summary
+    from pipeline.registry import ModelRegistry
+    from pipeline.registry_listing import summary
 
     registry = ModelRegistry.from_config(load_config(args.config, args.overrides))
     registry.recover()  # a promotion a crash interrupted is completed, then listed

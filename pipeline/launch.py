@@ -296,7 +296,7 @@ def launch_train(cfg: Config, address: str | None = None) -> Any:
         token, head = wait_for_rendezvous(rendezvous_file(cfg.run_dir(), alloc,
                                                           dict(os.environ)))
         run_worker(alloc, plan.ports or {}, head, token, replace=False)
-        return TrainResult(run_dir=cfg.run_dir(), metrics={}, preempted=False)
+        return TrainResult(run_dir=cfg.run_dir(), metrics={}, preempted=False, worker_only=True)
     log_plan(plan)
     if plan.ray_start != "cluster":
         result = train(cfg, plan, address=address)

@@ -27,13 +27,9 @@ decision naming a version that is not the champion; whoever takes the lock next 
 writer, ``retrain``, ``pipeline registry``) completes it, so ``decisions.jsonl`` is the
 record and ``champion.json`` always ends up agreeing with it.
 
-Promotion (:func:`compare`): the challenger replaces the champion only if, on
-``registry.metric`` at ``registry.lead``, its per-channel relative improvement over the
-champion, averaged over channels, is positive and at least ``registry.min_improvement``.
-Relative per channel, then averaged, so that a channel in Pa does not outweigh one in
-K. Both must have been scored on the same evaluation data (:func:`eval_data`: store
-and dataset version, split, init times, climatology); when the champion's metrics come
-from other data it is first re-evaluated on the challenger's with the evaluate API.
+Promotion: :func:`pipeline.promotion.compare` (the rule, and :func:`eval_data`, what
+makes two evaluations comparable); a champion scored on other data is first
+re-evaluated on the challenger's with the evaluate API.
 This module reads metrics, never reports; torch is only imported to re-evaluate.
 """
 
@@ -43,7 +39,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -59,12 +54,14 @@ from pipeline.config import Config
 from pipeline.data import store
 from pipeline.errors import CheckpointError, RegistryError
 from pipeline.evaluate import results
+from pipeline.evaluate.results import EvalMetrics
+from pipeline.promotion import compare, eval_data, eval_key
+from pipeline.train.meta import META_FILE, read_meta
 from pipeline.train.rundir import RunFiles
 
 log = logging.getLogger(__name__)
 
 VERSION_DIR = re.compile(r"^v(\d{4,})$")
-HIGHER_IS_BETTER = {"rmse": False, "acc": True}
 CHAMPION_FILE = "champion.json"
 DECISIONS_FILE = "decisions.jsonl"
 
@@ -88,22 +85,6 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def eval_data(metrics: dict[str, Any], data_hash: str) -> dict[str, Any]:
-    """What makes two evaluations comparable: the same store content and version, split,
-    init times and climatology (ACC is taken against it)."""
-    clim = metrics.get("climatology") or {}
-    return {"data_hash": data_hash, "store_version": metrics["store_version"],
-            "split": metrics["split"], "first_init": metrics["first_init"],
-            "last_init": metrics["last_init"], "init_times": metrics["init_times"],
-            "climatology": {k: clim.get(k) for k in ("by", "window_days", "samples")}}
-
-
-def eval_key(data: dict[str, Any]) -> str:
-    """A short name for :func:`eval_data` (file names under ``evals/``)."""
-    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
-
-
 def store_facts(path: str | Path) -> dict[str, Any]:
     """The store's identity and period, from its attributes (a complete store only)."""
     attrs = store.store_attrs(store.open_complete(path))
@@ -111,68 +92,6 @@ def store_facts(path: str | Path) -> dict[str, Any]:
             "dataset_version": attrs.dataset_version,
             "time_start": attrs.time_start, "time_end": attrs.time_end,
             "frequency": attrs.frequency}
-
-
-# --------------------------------------------------------------------------- the rule
-
-
-@dataclass
-class Comparison:
-    """The promotion rule applied to two sets of records."""
-
-    metric: str
-    lead: int
-    challenger: dict[str, float]  # channel -> value at the lead
-    champion: dict[str, float]
-    improvement: float  # mean over channels of the relative improvement
-    promote: bool
-    reason: str
-
-    def as_dict(self) -> dict[str, Any]:
-        mean = lambda d: sum(d.values()) / len(d)  # noqa: E731
-        return {"metric": self.metric, "lead": self.lead,
-                "challenger_value": mean(self.challenger), "champion_value": mean(self.champion),
-                "challenger_by_channel": self.challenger, "champion_by_channel": self.champion,
-                "improvement": self.improvement}
-
-
-def values_at(records: list[dict[str, Any]], metric: str, lead: int) -> dict[str, float]:
-    """Channel -> ``metric`` at ``lead`` (channels whose value is null are left out)."""
-    rows = [r for r in records if r["lead"] == lead]
-    if not rows:
-        leads = sorted({r["lead"] for r in records})
-        raise RegistryError(f"registry.lead {lead} is not among the evaluated leads {leads}",
-                            "add it to evaluate.leads or change registry.lead")
-    return {r["channel"]: float(r[metric]) for r in rows
-            if r.get(metric) is not None and math.isfinite(r[metric])}
-
-
-def compare(challenger: list[dict[str, Any]], champion: list[dict[str, Any]], metric: str,
-            lead: int, min_improvement: float) -> Comparison:
-    """Apply the promotion rule (module docstring) to two metrics.json ``records`` lists."""
-    if metric not in HIGHER_IS_BETTER:
-        raise RegistryError(f"registry.metric '{metric}' is not comparable",
-                            f"use one of {', '.join(HIGHER_IS_BETTER)}")
-    new, old = values_at(challenger, metric, lead), values_at(champion, metric, lead)
-    if set(new) != set(old):
-        raise RegistryError(f"challenger and champion were scored on other channels "
-                            f"({sorted(new)} vs {sorted(old)})",
-                            "models of one registry must predict the same channels")
-    channels = [c for c in sorted(new) if old[c] != 0.0]
-    if not channels:
-        raise RegistryError(f"no channel has a usable {metric} at lead {lead}",
-                            "check the evaluation's metrics.json")
-    sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0
-    gains = [sign * (new[c] - old[c]) / abs(old[c]) for c in channels]
-    improvement = sum(gains) / len(gains)
-    promote = improvement > 0.0 and improvement >= min_improvement
-    better = "higher" if HIGHER_IS_BETTER[metric] else "lower"
-    verdict = (f"{improvement:+.2%} mean relative improvement of {metric} ({better} is better) "
-               f"at lead {lead} over {len(channels)} channels; needed > 0 and >= "
-               f"{min_improvement:.2%}")
-    reason = ("better: " if promote else "not better enough: ") + verdict
-    return Comparison(metric, lead, {c: new[c] for c in channels}, {c: old[c] for c in channels},
-                      improvement, promote, reason)
 
 
 # --------------------------------------------------------------------------- versions
@@ -199,16 +118,16 @@ class Version:
         return self.info["evaluation"]["key"]
 
     @property
-    def metrics(self) -> dict[str, Any]:
+    def metrics(self) -> EvalMetrics:
         """Its metrics on its own evaluation data (``eval/``, which registering copied)."""
-        return read_json(RunFiles(self.path).eval_metrics)
+        return results.read_metrics(RunFiles(self.path).eval_metrics)
 
-    def metrics_for(self, key: str) -> dict[str, Any] | None:
+    def metrics_for(self, key: str) -> EvalMetrics | None:
         """Its metrics on the evaluation data ``key``, if it was scored on them."""
         if key == self.eval_key:
             return self.metrics
         path = self.path / "evals" / f"{key}.json"
-        return read_json(path) if path.exists() else None
+        return results.read_metrics(path) if path.exists() else None
 
 
 class ModelRegistry:
@@ -320,18 +239,18 @@ class ModelRegistry:
         run_dir = Path(run_dir)
         run = RunFiles(run_dir)
         best, metrics_path = run.best, run.eval_metrics
-        for needed in (best / "state.pt", best / "meta.json", metrics_path):
+        for needed in (best / "state.pt", best / META_FILE, metrics_path):
             if not needed.is_file():
                 raise RegistryError(f"cannot register {run_dir}: {needed} is missing",
                                     "train and evaluate the run first")
-        meta = read_json(best / "meta.json")
+        meta = read_meta(best)
         facts = store_facts(store_path)
         metrics = results.current_metrics(run_dir, facts["dataset_version"])
         if metrics is None:
             raise RegistryError(f"the evaluation of {run_dir} is not a whole one of its best "
                                 f"checkpoint on store version {facts['dataset_version']}",
                                 "evaluate the run again")
-        trained_on = meta.get("store", {}).get("dataset_version")
+        trained_on = meta.store.dataset_version
         if trained_on != facts["dataset_version"]:
             raise RegistryError(f"{run_dir} was trained on dataset version {trained_on}, the "
                                 f"store is at version {facts['dataset_version']}",
@@ -347,9 +266,9 @@ class ModelRegistry:
             info = {
                 "version": name, "created": store.now(),
                 "run": run_dir.name, "run_dir": str(run_dir.resolve()),
-                "checkpoint": str(best.resolve()), "checkpoint_step": meta["step"],
-                "config_hash": meta.get("config_hash"), "weights_sha256": sha,
-                "init_from": meta.get("init_from"),
+                "checkpoint": str(best.resolve()), "checkpoint_step": meta.step,
+                "config_hash": meta.config_hash, "weights_sha256": sha,
+                "init_from": None if meta.init_from is None else meta.init_from.model_dump(),
                 "store": facts,
                 "evaluation": {"key": eval_key(data), "data": data},
             }
@@ -358,7 +277,7 @@ class ModelRegistry:
             shutil.copytree(best, entry.best)
             entry.eval.mkdir()
             shutil.copy2(metrics_path, entry.eval_metrics)
-            entry.config.write_text(yaml.safe_dump(meta["config"], sort_keys=False))
+            entry.config.write_text(yaml.safe_dump(meta.config, sort_keys=False))
             (tmp / "evals").mkdir()
             (tmp / "version.json").write_text(json.dumps(info, indent=1) + "\n")
             os.rename(tmp, self.root / name)  # the version exists from here on, complete
@@ -437,8 +356,8 @@ class ModelRegistry:
                 self._append_decision(decision)
                 log.warning("%s", decision["reason"])
                 return decision
-            comparison = compare(challenger.metrics["records"],
-                                 champion_metrics["records"], cfg.registry.metric,
+            comparison = compare(challenger.metrics.records,
+                                 champion_metrics.records, cfg.registry.metric,
                                  cfg.registry.lead, cfg.registry.min_improvement)
             decision = {**base, "champion": champion.name, "promoted": comparison.promote,
                         "reason": comparison.reason, "champion_reevaluated": reevaluated,
@@ -449,7 +368,7 @@ class ModelRegistry:
         log.info("%s vs champion %s: %s", challenger.name, champion.name, decision["reason"])
         return decision
 
-    def _reevaluate(self, champion: Version, challenger: Version, cfg: Config) -> dict[str, Any]:
+    def _reevaluate(self, champion: Version, challenger: Version, cfg: Config) -> EvalMetrics:
         """Score the champion's weights on the challenger's evaluation data; keep the
         result in the champion's ``evals/``."""
         from pipeline.evaluate.evaluate import evaluate
@@ -461,9 +380,10 @@ class ModelRegistry:
         scratch.mkdir()
         try:
             RunFiles(scratch).best.symlink_to(champion.weights.resolve(), target_is_directory=True)
-            metrics = evaluate(cfg, scratch, report=False)
+            raw = evaluate(cfg, scratch, report=False)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+        metrics = results.parse_metrics(raw, scratch)
         data = eval_data(metrics, store_facts(cfg.data.store)["data_hash"])
         if eval_key(data) != challenger.eval_key:
             raise RegistryError(f"champion {champion.name} re-evaluated on other data than "
@@ -472,25 +392,6 @@ class ModelRegistry:
                                 "the store or evaluate.* changed meanwhile; run retrain again")
         evals = champion.path / "evals"
         evals.mkdir(exist_ok=True)
-        files.atomic_write(evals / f"{eval_key(data)}.json", json.dumps(metrics, indent=1) + "\n")
+        files.atomic_write(evals / f"{eval_key(data)}.json", json.dumps(raw, indent=1) + "\n")
         return metrics
 
-
-def summary(registry: ModelRegistry) -> str:
-    """One line per version, champion marked, then the latest decision, for humans."""
-    champion = registry.champion()
-    lines = []
-    for v in registry.versions():
-        mark = "*" if champion and champion.name == v.name else " "
-        s = v.info["store"]
-        lines.append(f"{mark} {v.name}  run {v.info['run']} step {v.info['checkpoint_step']}  "
-                     f"store v{s['dataset_version']} {s['time_start']} .. {s['time_end']}  "
-                     f"created {v.info['created']}")
-    if not lines:
-        return f"{registry.root}: no versions"
-    decisions = registry.decisions()
-    if decisions:
-        last = decisions[-1]
-        lines.append(f"latest decision: {last['challenger']} "
-                     f"{'promoted' if last['promoted'] else 'not promoted'} ({last['reason']})")
-    return "\n".join(lines)

@@ -28,7 +28,9 @@ import pandas as pd
 
 from pipeline.config import Config, config_hash
 from pipeline.errors import ConfigError
+from pipeline.evaluate.results import EvalMetrics, parse_metrics
 from pipeline.evaluate.verdict import lead_verdict
+from pipeline.train.meta import META_FILE, read_meta
 from pipeline.train.rundir import RunFiles
 
 if TYPE_CHECKING:
@@ -123,21 +125,20 @@ def store_facts(cfg: Config) -> dict[str, Any]:
 def training_done(cfg: Config) -> int | None:
     """The step a finished run stopped at (max_steps, or early stopping), else None."""
     from pipeline.train import checkpoint
+    from pipeline.train.schedule import Progress, finished
 
     run = RunFiles(cfg.run_dir())
     found = checkpoint.latest_valid(checkpoint.list_steps(run.checkpoints))
     if found is None or not (run.best / checkpoint.META_FILE).exists():
         return None
-    progress = found[1]["progress"]
-    finished = (progress["step"] >= cfg.train.max_steps
-                or cfg.train.stops_early(progress["evals_without_improvement"]))
-    return progress["step"] if finished else None
+    progress = Progress(**found[1]["progress"])
+    return progress.step if finished(progress, cfg) else None
 
 
-def current_evaluation(cfg: Config, run_dir: Path) -> dict[str, Any] | None:
+def current_evaluation(cfg: Config, run_dir: Path) -> EvalMetrics | None:
     """The metrics of the run's evaluation if it is whole and scores the current best
     checkpoint on the current store version with this config, else None."""
-    from pipeline.evaluate.results import current_metrics
+    from pipeline.evaluate.results import current_metrics  # "current" is decided there
 
     return current_metrics(run_dir, store_facts(cfg)["dataset_version"], config_hash(cfg))
 
@@ -159,7 +160,7 @@ def train_stage(cfg: Config, train_fn: TrainFn | None, out: Outcome) -> bool:
         out.say(f"train: preempted; checkpoint in {cfg.run_dir() / 'checkpoints'} "
                 "(run the same command again to continue)")
         return False
-    if getattr(result, "metrics", None) == {}:  # an srun task > 0: a Ray worker node only
+    if getattr(result, "worker_only", False):  # an srun task > 0: a Ray worker node only
         out.say(f"train: this task served as a Ray worker node of {cfg.run_dir()}; task 0 "
                 "goes on")
         return False
@@ -167,7 +168,7 @@ def train_stage(cfg: Config, train_fn: TrainFn | None, out: Outcome) -> bool:
     return True
 
 
-def evaluate_stage(cfg: Config, out: Outcome) -> dict[str, Any]:
+def evaluate_stage(cfg: Config, out: Outcome) -> EvalMetrics:
     """Evaluate unless the evaluation is current; return the metrics."""
     from pipeline.evaluate.evaluate import evaluate
 
@@ -176,15 +177,15 @@ def evaluate_stage(cfg: Config, out: Outcome) -> dict[str, Any]:
     if metrics is not None:
         out.say(f"evaluate: {run_dir / 'eval'} is current; skipped")
     else:
-        metrics = evaluate(cfg, run_dir)
+        metrics = parse_metrics(evaluate(cfg, run_dir), RunFiles(run_dir).eval_metrics)
         out.say(f"evaluate: wrote {RunFiles(run_dir).eval_metrics}")
     out.report = RunFiles(run_dir).report
     return metrics
 
 
-def lead_summary(metrics: dict[str, Any], lead: int) -> str:
+def lead_summary(metrics: EvalMetrics, lead: int) -> str:
     """One line: on how many channels the model beats persistence and climatology."""
-    return f"{metrics['split']} split, {lead_verdict(metrics, lead)}"
+    return f"{metrics.split} split, {lead_verdict(metrics.as_dict(), lead)}"
 
 
 # --------------------------------------------------------------------------- run
@@ -200,7 +201,7 @@ def run(cfg: Config, train_fn: TrainFn | None = None) -> Outcome:
     if not train_stage(cfg, train_fn, out):
         return out
     metrics = evaluate_stage(cfg, out)
-    out.say(lead_summary(metrics, min(metrics["leads"])))
+    out.say(lead_summary(metrics, min(metrics.leads)))
     out.say(f"report: {out.report}")
     return out
 
@@ -274,10 +275,8 @@ def _retrain(cfg: Config, registry: ModelRegistry, train_fn: TrainFn | None) -> 
 
 def own_run_current(cfg: Config, dataset_version: int) -> bool:
     """Has ``pipeline run`` trained and evaluated the config's own run on this version?"""
-    import json
-
-    best = RunFiles(cfg.run_dir()).best / "meta.json"
-    if training_done(cfg) is None or not best.exists():
+    best = RunFiles(cfg.run_dir()).best
+    if training_done(cfg) is None or not (best / META_FILE).exists():
         return False
-    trained_on = json.loads(best.read_text()).get("store", {}).get("dataset_version")
+    trained_on = read_meta(best).store.dataset_version
     return trained_on == dataset_version and current_evaluation(cfg, cfg.run_dir()) is not None

@@ -13,7 +13,8 @@ import yaml
 from pipeline.config import config_from_dict, dump_config
 from pipeline.errors import RegistryError
 from pipeline.evaluate.evaluate import evaluate
-from pipeline.registry import ModelRegistry, compare, summary
+from pipeline.registry import ModelRegistry, compare
+from pipeline.registry_listing import summary
 from pipeline.train.loop import train_loop
 from pipeline.train.runtime import local_runtime
 from tests.conftest import run_cli, train_config

@@ -232,7 +232,7 @@ def test_early_stopping_is_on_by_default_and_best_is_the_lowest_val_loss(
     assert final["step"] == 14  # validations at 6, 8, 10, 12, 14 did not improve on step 4
     assert [m["step"] for m in metrics(cfg.run_dir())] == list(range(2, 16, 2))
     best_state, best_meta = checkpoint.load(cfg.run_dir() / "best")
-    assert best_meta["step"] == 4 and best_state["progress"]["best_val"] == 0.5
+    assert best_meta.step == 4 and best_state["progress"]["best_val"] == 0.5
     step_4 = checkpoint.load(cfg.run_dir() / "checkpoints" / checkpoint.step_dir_name(4))[0]
     assert_bitwise_equal(best_state["model"], step_4["model"])
     assert not all(torch.equal(best_state["model"][k], v) for k, v in final_weights(
@@ -526,3 +526,14 @@ def test_cli_incomplete_store_exit_2(tiny_store: Path, tmp_path: Path) -> None:
     cfg = write_config(tmp_path / "c.yaml", train_config(store, tmp_path))
     result = run_cli("train", str(cfg))
     assert result.returncode == 2 and "incomplete" in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a CUDA device")
+def test_a_gpu_plan_without_cuda_is_an_error_not_a_cpu_run(tiny_store: Path,
+                                                           tmp_path: Path) -> None:
+    """train.use_gpu on a machine whose torch finds no CUDA device (a CPU wheel on a GPU
+    node, say) was trained on the CPU without a word, a hundred times slower."""
+    cfg = config_from_dict(train_config(tiny_store, tmp_path / "runs", use_gpu=True))
+    with pytest.raises(ConfigError, match="finds no CUDA device.*train.use_gpu: false"):
+        local_runtime(cfg)
+    assert not (tmp_path / "runs").exists()

@@ -74,7 +74,11 @@ def test_errors_pickle_with_their_hint() -> None:
 HEAVY = ("torch", "ray", "dask", "distributed", "zarr")
 LIGHT = ("pipeline.cli", "pipeline.cli_args", "pipeline.config", "pipeline.errors",
          "pipeline.files", "pipeline.slurm", "pipeline.launch", "pipeline.plan",
-         "pipeline.workflows", "pipeline.train.rundir")
+         "pipeline.workflows", "pipeline.train.rundir", "pipeline.promotion",
+         "pipeline.registry_listing", "pipeline.train.meta", "pipeline.train.schedule",
+         "pipeline.evaluate.results", "pipeline.data.attrs")
+"""The login node's modules, and the typed contracts they read (checkpoint meta,
+evaluation metrics, store attributes)."""
 
 
 def _imported_by(modules: tuple[str, ...], then: str = "") -> list[str]:

@@ -20,7 +20,8 @@ from pipeline.registry import ModelRegistry
 from pipeline.train import checkpoint
 from pipeline.train.loop import Trainer, train_loop
 from pipeline.train.runtime import local_runtime
-from pipeline.workflows import demo_months, retrain
+from pipeline.train.trainer import TrainResult
+from pipeline.workflows import Outcome, demo_months, retrain, train_stage
 from tests.conftest import train_config, write_config
 
 pytestmark = pytest.mark.integration
@@ -43,6 +44,21 @@ def snapshot(*roots: Path) -> dict[str, tuple[int, int]]:
             for root in roots for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+# --------------------------------------------------------------------------- train stage
+
+
+@pytest.mark.parametrize("worker_only", [True, False])
+def test_only_a_ray_worker_node_task_stops_the_chain(tiny_store: Path, tmp_path: Path,
+                                                    worker_only: bool) -> None:
+    # the field says so, not the metrics: a task 0 that reported nothing still goes on
+    cfg = config_from_dict(train_config(tiny_store, tmp_path))
+    result = TrainResult(run_dir=cfg.run_dir(), metrics={}, preempted=False,
+                         worker_only=worker_only)
+    out = Outcome()
+    assert train_stage(cfg, lambda _: result, out) is not worker_only
+    assert ("served as a Ray worker node" in out.message) is worker_only, out.message
+
+
 # --------------------------------------------------------------------------- warm start
 
 
@@ -59,18 +75,19 @@ def test_warm_start_loads_model_weights_only(tiny_store: Path, tmp_path: Path) -
     state = trainer.stepper.state_dict()
     assert all(torch.equal(state[k], weights[k]) for k in weights)
     assert trainer.optimizer.state_dict()["state"] == {}  # a fresh optimiser
-    assert trainer.init_from["weights_digest"] == checkpoint.weights_digest(weights)
+    assert trainer.init_from.weights_digest == checkpoint.weights_digest(weights)
     train_loop(warm, local_runtime(warm))
     # 20 more steps from the 20-step model validate better than the 20-step model did
     assert metrics_of(warm.run_dir())[-1]["val_loss"] < metrics_of(source.run_dir())[-1]["val_loss"]
     meta = checkpoint.load(warm.run_dir() / "best")[1]
-    assert meta["init_from"]["path"] == str(best) and meta["init_from"]["step"] == 20
+    assert meta.init_from is not None
+    assert meta.init_from.path == str(best) and meta.init_from.step == 20
     # the run's own checkpoint wins from now on; init_from is ignored
     again = Trainer(warm, local_runtime(warm))
     assert again.resumed_from is not None and again.progress.step == 20
     trained = again.stepper.state_dict()
     assert not all(torch.equal(trained[k], weights[k]) for k in weights)
-    assert again.init_from == meta["init_from"]
+    assert again.init_from == meta.init_from
 
 
 def test_warm_start_across_statistics_but_not_across_models(tiny_store: Path,
@@ -84,7 +101,7 @@ def test_warm_start_across_statistics_but_not_across_models(tiny_store: Path,
     group = zarr.open_group(str(store), mode="r+")
     group["mean"][0] = group["mean"][0] + 1.0
     shifted = config_from_dict(train_config(store, tmp_path / "b", init_from=str(best)))
-    assert Trainer(shifted, local_runtime(shifted)).init_from["path"] == str(best)
+    assert Trainer(shifted, local_runtime(shifted)).init_from.path == str(best)
     other = train_config(tiny_store, tmp_path / "c", init_from=str(best))
     other["model"]["width"] = 8
     narrow = config_from_dict(other)
@@ -150,9 +167,9 @@ def test_retrain_first_run_noop_then_append_and_warm_start(tiny_raw: Path,
     assert "warm start of" in third.message and "from champion v0001" in third.message
     assert zarr.open_group(str(tmp_path / "store.zarr")).attrs["dataset_version"] == 2
     run = tmp_path / "runs" / "test-v2"
-    init = checkpoint.load(run / "best")[1]["init_from"]
-    assert init["path"] == str(v1.weights.resolve())
-    assert init["weights_digest"] == checkpoint.weights_digest(
+    init = checkpoint.load(run / "best")[1].init_from
+    assert init is not None and init.path == str(v1.weights.resolve())
+    assert init.weights_digest == checkpoint.weights_digest(
         checkpoint.load(v1.weights)[0]["model"])
     v2 = registry.get("v0002")
     assert v2.info["run"] == "test-v2" and v2.info["store"]["dataset_version"] == 2

@@ -225,11 +225,11 @@ def evaluate(cfg: Config, run_dir: Path | None = None, report: bool = True) -> d
     init_times = dataset.times[inits]
     metrics = {
         "checkpoint": str(model.folder),
-        "checkpoint_step": model.meta.get("step"),
+        "checkpoint_step": model.meta.step,
         "store": info.path,
         "store_version": info.dataset_version,
         "config_hash": config_hash(cfg),
-        "checkpoint_config_hash": model.meta.get("config_hash"),
+        "checkpoint_config_hash": model.meta.config_hash,
         "split": ev.split,
         "leads": leads,
         "lead_unit": f"model steps of {model.lead} x {info.attrs.frequency}",

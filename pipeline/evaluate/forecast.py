@@ -170,8 +170,8 @@ def forecast_dataset(model: rollout.Forecaster, t: int, pred: np.ndarray, valid:
         "source": "pipeline predict",
         FORECAST_MARK: 1,
         "checkpoint": str(model.folder),
-        "checkpoint_step": int(meta.get("step", -1)),
-        "config_hash": str(meta.get("config_hash")),
+        "checkpoint_step": meta.step,
+        "config_hash": meta.config_hash,
         "store": info.path,
         "store_version": info.dataset_version,
         "store_data_hash": info.attrs.data_hash,
@@ -226,7 +226,7 @@ def predict(checkpoint_path: str | Path, init: str, steps: int, out: str | Path,
         raise ConfigError(f"--steps {steps}: a forecast needs at least one step",
                           "give a positive number of model steps, e.g. --steps 8")
     found = rollout.find_checkpoint(Path(checkpoint_path))
-    cfg = config_for(found[2], config, overrides)
+    cfg = config_for(found[2].model_dump(), config, overrides)
     info = StoreInfo(cfg.data.store)
     model = rollout.from_checkpoint(found, info)
     t = init_index(info, init, model.history)

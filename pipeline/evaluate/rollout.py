@@ -21,6 +21,7 @@ from pipeline.data.store import StoreInfo
 from pipeline.errors import CheckpointError
 from pipeline.train import checkpoint
 from pipeline.train.checkpoint import check_compatible
+from pipeline.train.meta import CheckpointMeta
 from pipeline.train.rundir import RunFiles
 from pipeline.train.stepper import Stepper, build_stepper
 
@@ -43,7 +44,7 @@ def candidates(path: Path) -> list[Path]:
     return found
 
 
-def find_checkpoint(path: Path) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+def find_checkpoint(path: Path) -> tuple[Path, dict[str, Any], CheckpointMeta]:
     """The first valid checkpoint of :func:`candidates` as (folder, state, meta)."""
     tried = candidates(path)
     if len(tried) == 1:  # one explicit folder: its own error says what is wrong
@@ -64,7 +65,7 @@ class Forecaster:
 
     stepper: Stepper
     cfg: Config  # the checkpoint's config
-    meta: dict[str, Any]
+    meta: CheckpointMeta
     folder: Path
     info: StoreInfo
     device: torch.device
@@ -111,7 +112,7 @@ def load(path: Path, info: StoreInfo, device: torch.device | None = None) -> For
     return from_checkpoint(find_checkpoint(Path(path)), info, device)
 
 
-def from_checkpoint(found: tuple[Path, dict[str, Any], dict[str, Any]], info: StoreInfo,
+def from_checkpoint(found: tuple[Path, dict[str, Any], CheckpointMeta], info: StoreInfo,
                     device: torch.device | None = None) -> Forecaster:
     """:func:`load` for a checkpoint already read by :func:`find_checkpoint`."""
     folder, state, meta = found
@@ -120,10 +121,10 @@ def from_checkpoint(found: tuple[Path, dict[str, Any], dict[str, Any]], info: St
     except CheckpointError as err:
         raise CheckpointError(err.message, "evaluate or forecast with the store it was "
                               "trained on (data.store), or retrain on this one") from None
-    if "config" not in meta or "model" not in state:
+    if "model" not in state:
         raise CheckpointError(f"checkpoint {folder} holds no config or model weights",
                               "it was not written by `pipeline train`")
-    cfg = config_from_dict(meta["config"], origin=f"{folder}/{checkpoint.META_FILE}")
+    cfg = config_from_dict(meta.config, origin=f"{folder}/{checkpoint.META_FILE}")
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     stepper = build_stepper(cfg, info)

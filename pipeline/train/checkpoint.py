@@ -24,6 +24,8 @@ import torch
 
 from pipeline.errors import CheckpointError, disk_full
 from pipeline.files import atomic_write
+from pipeline.train.meta import META_FILE, CheckpointMeta, parse_meta
+from pipeline.train.rundir import RunFiles
 
 if TYPE_CHECKING:
     from pipeline.data.store import StoreInfo
@@ -31,7 +33,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
-META_FILE = "meta.json"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
@@ -74,12 +75,12 @@ def _save_state(state: dict[str, Any], path: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def write_into(folder: Path, state: dict[str, Any], meta: dict[str, Any]) -> None:
+def write_into(folder: Path, state: dict[str, Any], meta: CheckpointMeta) -> None:
     """Write state then meta (the completeness marker) into an existing folder; a full
     disk is a user error (:func:`pipeline.errors.disk_full`), not a traceback."""
     try:
         _save_state(state, folder / STATE_FILE)
-        atomic_write(folder / META_FILE, json.dumps(meta, indent=1, sort_keys=True))
+        atomic_write(folder / META_FILE, meta.to_json())
     except OSError as err:
         full = disk_full(err)
         if full is None:
@@ -87,7 +88,7 @@ def write_into(folder: Path, state: dict[str, Any], meta: dict[str, Any]) -> Non
         raise full from err
 
 
-def save(root: Path, step: int, state: dict[str, Any], meta: dict[str, Any]) -> Path:
+def save(root: Path, step: int, state: dict[str, Any], meta: CheckpointMeta) -> Path:
     """Write ``root/step-N`` atomically (temporary folder, then rename)."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
@@ -105,26 +106,28 @@ def save(root: Path, step: int, state: dict[str, Any], meta: dict[str, Any]) -> 
     return final
 
 
-def load(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Read a checkpoint folder; raise :class:`CheckpointError` if it is not usable."""
+def load(folder: Path) -> tuple[dict[str, Any], CheckpointMeta]:
+    """Read a checkpoint folder; raise :class:`CheckpointError` if it is not usable (a
+    corrupt file, or a meta.json that is not a :class:`CheckpointMeta`: one line naming
+    the field)."""
     meta_path, state_path = folder / META_FILE, folder / STATE_FILE
     if not meta_path.is_file() or not state_path.is_file():
         raise CheckpointError(f"checkpoint {folder} is incomplete (no {META_FILE} or {STATE_FILE})",
                               "it was interrupted while being written; an older one is used")
     try:
-        meta = json.loads(meta_path.read_text())
+        data = json.loads(meta_path.read_text())
         state = torch.load(state_path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any decoding failure means a corrupt file
         raise CheckpointError(f"checkpoint {folder} is corrupt: {type(err).__name__}: "
                               f"{' '.join(str(err).split())[:160]}", "delete it") from None
-    return state, meta
+    return state, parse_meta(data, folder)
 
 
-def load_init(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def load_init(path: Path) -> tuple[dict[str, Any], CheckpointMeta]:
     """Read the checkpoint ``train.init_from`` names: a checkpoint folder, or a run
     directory (its ``best/``)."""
     path = Path(path)
-    best = path / "best"  # a run directory's (rundir.RunFiles.best)
+    best = RunFiles(path).best
     if not (path / META_FILE).exists() and (best / META_FILE).exists():
         path = best
     if not path.is_dir():
@@ -152,7 +155,7 @@ def list_steps(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name, reverse=True)
 
 
-def latest_valid(candidates: list[Path]) -> tuple[Path, dict[str, Any], dict[str, Any]] | None:
+def latest_valid(candidates: list[Path]) -> tuple[Path, dict[str, Any], CheckpointMeta] | None:
     """The first candidate that loads; corrupt ones are skipped with a warning."""
     seen: set[Path] = set()
     for folder in candidates:
@@ -214,15 +217,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def check_compatible(meta: dict[str, Any], info: StoreInfo, where: Path,
+def check_compatible(meta: CheckpointMeta, info: StoreInfo, where: Path,
                      statistics: bool = True) -> None:
     """Refuse a checkpoint trained on another store or (``statistics``) other statistics."""
-    store_meta = meta.get("store", {})
-    if store_meta.get("channels") != list(info.layout.channels):
+    trained = meta.store
+    if trained.channels != list(info.layout.channels):
         raise CheckpointError(f"checkpoint {where} was trained on channels "
-                              f"{store_meta.get('channels')}, the store has "
+                              f"{trained.channels}, the store has "
                               f"{list(info.layout.channels)}", "use a new run name")
-    if statistics and not (np.allclose(store_meta.get("mean", []), info.stats["mean"], rtol=1e-12)
-            and np.allclose(store_meta.get("std", []), info.stats["std"], rtol=1e-12)):
+    if statistics and not (np.allclose(trained.mean, info.stats["mean"], rtol=1e-12)
+            and np.allclose(trained.std, info.stats["std"], rtol=1e-12)):
         raise CheckpointError(f"the store's statistics differ from those of checkpoint {where}",
                               "the store was rebuilt or recomputed; use a new run name")

@@ -19,8 +19,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,92 +34,17 @@ from pipeline.data.store import StoreInfo
 from pipeline.errors import CheckpointError, PipelineError, RanksStopped, TrainingError
 from pipeline.plan import local_plan
 from pipeline.train import checkpoint
+from pipeline.train.meta import CheckpointMeta, InitFrom
 from pipeline.train.models import area_weighted_mse, channel_mse
 from pipeline.train.progress import ProgressWriter
 from pipeline.train.rundir import RunFiles, run_writer
 from pipeline.train.runtime import Runtime, memory_mb, rank_share, use_bf16
+from pipeline.train.schedule import Progress, finished, lr_lambda, record_validation
 from pipeline.train.sinks import open_sinks
 from pipeline.train.stepper import build_stepper, target_validity
+from pipeline.train.window import Batch, Window
 
 log = logging.getLogger(__name__)
-
-# --------------------------------------------------------------------------- helpers
-
-
-def lr_lambda(cfg: Config) -> Callable[[int], float]:
-    """Linear warmup, then cosine decay to 10 % of the peak at ``max_steps``."""
-    warmup, total = cfg.train.warmup_steps, cfg.train.max_steps
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
-
-
-@dataclass
-class Progress:
-    """Where training is: restored from and saved into checkpoints."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    best_val: float = math.inf
-    evals_without_improvement: int = 0
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-# --------------------------------------------------------------------------- the loop
-
-
-@dataclass
-class Window:
-    """The steps of one report: seconds spent asking the loader for batches, samples,
-    steps and the summed loss (on the device, so that adding to it does not wait for
-    the step), from ``start``."""
-
-    start: float = field(default_factory=time.perf_counter)
-    wait: float = 0.0
-    samples: int = 0
-    steps: int = 0
-    loss_sum: torch.Tensor | float = 0.0
-    losses: list[torch.Tensor] = field(default_factory=list)  # each step's, on the device
-
-    def elapsed(self) -> float:
-        return max(time.perf_counter() - self.start, 1e-9)
-
-    def close(self) -> tuple[float, float]:
-        """(mean loss, seconds): reading the loss waits for the queued steps, so the
-        seconds, taken after it, are the device's."""
-        loss = float(self.loss_sum) / max(self.steps, 1)
-        return loss, self.elapsed()
-
-    def first_non_finite(self) -> int | None:
-        """Position in the window of the first step whose loss is NaN or infinite."""
-        if not self.losses:
-            return None
-        bad = torch.nonzero(~torch.isfinite(torch.stack(self.losses))).flatten()
-        return int(bad[0]) if bad.numel() else None
-
-
-@dataclass
-class Batch:
-    inputs: torch.Tensor
-    target_forcings: torch.Tensor
-    targets: torch.Tensor
-    target_masks: torch.Tensor | None = None  # stores with masks: the masks at the targets
-
-    @classmethod
-    def to(cls, sample: dict[str, torch.Tensor], device: torch.device) -> Batch:
-        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-        masks = move(sample["target_masks"]) if "target_masks" in sample else None
-        return cls(move(sample["inputs"]), move(sample["target_forcings"]), move(sample["targets"]),
-                   masks)
-
 
 class Trainer:
     """The pieces of one training run; ``run()`` is the loop."""
@@ -140,7 +64,7 @@ class Trainer:
                                            weight_decay=t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.progress = Progress()
-        self.init_from: dict[str, Any] | None = None  # the warm start's source, kept in meta
+        self.init_from: InitFrom | None = None  # the warm start's source, kept in meta
         self.lat_w = torch.from_numpy(self.info.area_weight.astype(np.float32)).to(rt.device)
         scale = self.stepper.scale.flatten()
         # the loss compares changes in units of the typical one-step change
@@ -166,11 +90,12 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "scaler": None,
                 "progress": self.progress.as_dict(), "rng": checkpoint.rng_state()}
 
-    def meta(self) -> dict[str, Any]:
-        return {"step": self.progress.step, "epoch": self.progress.epoch,
-                "config": resolved_dict(self.cfg), "config_hash": config_hash(self.cfg),
-                "store": self.info.fingerprint(), "world_size": self.rt.world_size,
-                "channels_out": self.info.layout.output_names, "init_from": self.init_from}
+    def meta(self) -> CheckpointMeta:
+        return CheckpointMeta.model_validate({
+            "step": self.progress.step, "epoch": self.progress.epoch,
+            "config": resolved_dict(self.cfg), "config_hash": config_hash(self.cfg),
+            "store": self.info.fingerprint(), "world_size": self.rt.world_size,
+            "channels_out": self.info.layout.output_names, "init_from": self.init_from})
 
     def _resume(self) -> Path | None:
         """Restore the newest checkpoint that loads and fits this model; older ones are
@@ -191,7 +116,7 @@ class Trainer:
                 log.warning("skipping checkpoint %s: its state does not fit this model (%s)",
                             folder, " ".join(str(err).split())[:160])
                 candidates = [c for c in candidates if c.resolve() != folder]
-        self.init_from = meta.get("init_from")
+        self.init_from = meta.init_from
         if self.rt.rank == 0:
             log.info("resumed from %s (step %d)", folder, self.progress.step)
         return folder
@@ -223,12 +148,12 @@ class Trainer:
             raise CheckpointError(f"train.init_from {folder}: its model does not fit this "
                                   f"config's ({' '.join(str(err).split())[:200]})",
                                   "use the same model.* and train.history as that run") from None
-        self.init_from = {"path": str(folder), "step": meta.get("step"),
-                          "config_hash": meta.get("config_hash"),
-                          "weights_digest": checkpoint.weights_digest(self.stepper.state_dict())}
+        self.init_from = InitFrom(
+            path=str(folder), step=meta.step, config_hash=meta.config_hash,
+            weights_digest=checkpoint.weights_digest(self.stepper.state_dict()))
         if self.rt.rank == 0:
             log.info("warm start: model weights from %s (step %s, digest %s)", folder,
-                     meta.get("step"), self.init_from["weights_digest"])
+                     meta.step, self.init_from.weights_digest)
 
     # ------------------------------------------------------------------ steps
 
@@ -240,7 +165,7 @@ class Trainer:
 
     def loss(self, batch: Batch) -> torch.Tensor:
         with torch.autocast(self.rt.device.type, dtype=torch.bfloat16,
-                            enabled=use_bf16(self.plan, self.rt.device)):
+                            enabled=use_bf16(self.plan)):
             preds = self.model(batch.inputs, batch.target_forcings)
         valid = self.valid(batch)  # each rollout step's own target masks
         return area_weighted_mse(preds.float().flatten(0, 1), batch.targets.flatten(0, 1),
@@ -286,7 +211,7 @@ class Trainer:
                 break
             b = Batch.to(sample, self.rt.device)
             with torch.autocast(self.rt.device.type, dtype=torch.bfloat16,
-                                enabled=use_bf16(self.plan, self.rt.device)):
+                                enabled=use_bf16(self.plan)):
                 pred = self.stepper.step(b.inputs, b.target_forcings[:, 0]).float()
             target, last = b.targets[:, 0], b.inputs[:, -1, self.stepper.outputs]
             valid = self.valid(b)
@@ -362,7 +287,7 @@ class Trainer:
                 if p.step % t.val_every == 0 or p.step % t.checkpoint_every == 0 or stop:
                     last = self._evaluate_and_save(window, stop)
                     window = Window()  # validation and saving are not in it
-                    stop = stop or t.stops_early(p.evals_without_improvement)
+                    stop = stop or finished(p, self.cfg)
                 if stop:
                     break
                 asked = time.perf_counter()
@@ -409,14 +334,7 @@ class Trainer:
         improved = False
         if p.step % t.val_every == 0 or stopping:
             metrics.update(self.validate())
-            val = metrics["val_loss"]
-            if val < p.best_val * (1.0 - t.early_stopping_min_delta):
-                p.evals_without_improvement = 0
-            else:
-                p.evals_without_improvement += 1
-            improved = val < p.best_val
-            if improved:
-                p.best_val = val
+            improved = record_validation(p, metrics["val_loss"], t.early_stopping_min_delta)
         folder = self.rt.save(p.step, self.state() if self.rt.rank == 0 else None, self.meta(),
                               metrics)
         if self.rt.rank == 0:

@@ -19,9 +19,10 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.config import Config
-from pipeline.errors import PipelineError, RanksStopped
+from pipeline.errors import ConfigError, PipelineError, RanksStopped
 from pipeline.plan import ExecutionPlan, local_plan
 from pipeline.train import checkpoint
+from pipeline.train.meta import CheckpointMeta
 from pipeline.train.rundir import RunFiles
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ class Runtime:
     prepare_model: Callable[[nn.Module], nn.Module] = lambda m: m
     # save(step, state, meta, metrics): every rank calls it at the same steps; state is
     # None except on rank 0. Returns the saved folder on rank 0.
-    save: Callable[[int, dict[str, Any] | None, dict[str, Any], dict[str, Any]], Path | None] = None  # type: ignore[assignment]
+    save: Callable[[int, dict[str, Any] | None, CheckpointMeta, dict[str, Any]], Path | None] = None  # type: ignore[assignment]
     resume_candidates: Callable[[], list[Path]] = lambda: []
     stop_requested: Callable[[], bool] = lambda: False
     plan: ExecutionPlan | None = None  # None: the config's own settings (local_plan)
@@ -112,12 +113,16 @@ def local_runtime(cfg: Config, plan: ExecutionPlan | None = None) -> Runtime:
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, handler)
 
-    def save(step: int, state: dict | None, meta: dict, _metrics: dict) -> Path | None:
+    def save(step: int, state: dict | None, meta: CheckpointMeta, _metrics: dict) -> Path | None:
         folder = checkpoint.save(root, step, state or {}, meta)
         checkpoint.prune(root, cfg.train.keep_checkpoints)
         return folder
 
-    device = torch.device("cuda" if plan.use_gpu and torch.cuda.is_available() else "cpu")
+    if plan.use_gpu and not torch.cuda.is_available():
+        raise ConfigError(f"the plan trains on a GPU, but torch {torch.__version__} finds no "
+                          "CUDA device", "install torch's CUDA build, check "
+                          "CUDA_VISIBLE_DEVICES, or set train.use_gpu: false")
+    device = torch.device("cuda" if plan.use_gpu else "cpu")
     return Runtime(run_dir=run_dir, plan=plan, device=device, save=save,
                    resume_candidates=lambda: checkpoint.list_steps(root),
                    stop_requested=lambda: stop["flag"], owns_run=True)
@@ -129,9 +134,9 @@ def rank_share(n: int, rank: int, world_size: int) -> tuple[int, int]:
     return rank * n // world_size, (rank + 1) * n // world_size
 
 
-def use_bf16(plan: ExecutionPlan, device: torch.device) -> bool:
-    """bf16 autocast where the plan says so and the step runs on a GPU."""
-    return plan.precision == "bf16" and device.type == "cuda"
+def use_bf16(plan: ExecutionPlan) -> bool:
+    """bf16 autocast: the plan's precision (``resolve_plan`` gives bf16 on GPUs only)."""
+    return plan.precision == "bf16"
 
 
 def memory_mb(device: torch.device) -> float:

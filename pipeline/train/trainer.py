@@ -32,6 +32,7 @@ from pipeline.config import Config, config_from_dict
 from pipeline.errors import ConfigError, PipelineError, RanksStopped, disk_full
 from pipeline.plan import ExecutionPlan, free_local_port, resolve_plan
 from pipeline.ray_security import secure_local_ray
+from pipeline.train.meta import CheckpointMeta
 from pipeline.train.progress import progress_bar
 from pipeline.train.rundir import RunFiles, absolute_config, run_writer
 
@@ -41,9 +42,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainResult:
+    """What a call to train did: the last reported metrics (empty when nothing was
+    trained), whether it was preempted, and whether this process only served as a Ray
+    worker node of another task's training (an srun task > 0)."""
+
     run_dir: Path
     metrics: dict[str, Any]
     preempted: bool
+    worker_only: bool = False
 
 
 def preflight(cfg: Config, plan: ExecutionPlan) -> None:
@@ -119,7 +125,7 @@ def _worker(loop_config: dict[str, Any]) -> None:
     run_dir = cfg.run_dir()
     root = RunFiles(run_dir).checkpoints
 
-    def save(step: int, state: dict | None, meta: dict, metrics: dict) -> Path | None:
+    def save(step: int, state: dict | None, meta: CheckpointMeta, metrics: dict) -> Path | None:
         name = checkpoint.step_dir_name(step)
         report = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
         if state is None:

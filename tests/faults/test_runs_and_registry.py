@@ -17,11 +17,12 @@ import pytest
 import yaml
 
 from pipeline.config import config_from_dict, load_config
-from pipeline.errors import PREEMPTED_EXIT_CODE
+from pipeline.errors import PREEMPTED_EXIT_CODE, CheckpointError, PipelineError
 from pipeline.evaluate.evaluate import evaluate
 from pipeline.registry import ModelRegistry
 from pipeline.train import checkpoint
 from pipeline.train.loop import train_loop
+from pipeline.train.meta import CheckpointMeta
 from pipeline.train.rundir import run_writer
 from pipeline.train.runtime import local_runtime
 from pipeline.workflows import retrain
@@ -237,7 +238,7 @@ root, point, marker = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
 registry = ModelRegistry(root, "test")
 challenger, champion = registry.get("v0002"), registry.champion()
 key = challenger.eval_key
-result = compare(challenger.metrics_for(key)["records"], champion.metrics_for(key)["records"],
+result = compare(challenger.metrics_for(key).records, champion.metrics_for(key).records,
                  "rmse", 1, 0.0)
 decision = {"challenger": challenger.name, "champion": champion.name, "eval_key": key,
             "time": "now", "metric": "rmse", "lead": 1, "min_improvement": 0.0,
@@ -297,3 +298,80 @@ def test_promotion_killed_at_each_step_is_completed_by_the_next_call(
     info = json.loads((registry.root / "champion.json").read_text())
     assert (info["version"], info["previous"]) == ("v0002", "v0001")
     assert not list(registry.root.glob(".*.tmp-*"))
+
+
+# --------------------------------------------------------------------------- damaged contracts
+
+
+def damage_meta(folder: Path, change) -> None:
+    meta = json.loads((folder / "meta.json").read_text())
+    change(meta)
+    (folder / "meta.json").write_text(json.dumps(meta))
+
+
+@pytest.fixture(scope="module")
+def trained_best(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The best/ checkpoint of a 2-step plain-loop run on the tiny store."""
+    cfg = config_from_dict(train_config(tiny_store, tmp_path_factory.mktemp("meta"), max_steps=2,
+                                        val_every=2, checkpoint_every=2))
+    train_loop(cfg, local_runtime(cfg))
+    return cfg.run_dir() / "best"
+
+
+def test_meta_json_on_disk_is_exactly_the_contract(trained_best: Path) -> None:
+    text = (trained_best / "meta.json").read_text()
+    assert sorted(json.loads(text)) == ["channels_out", "config", "config_hash", "epoch",
+                                        "init_from", "step", "store", "world_size"]
+    assert CheckpointMeta.model_validate_json(text).to_json() == text  # read, written: same
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    (lambda m: m.pop("config_hash"), "config_hash: Field required"),  # an older version
+    (lambda m: m.update(step="ten"), "step: Input should be a valid integer"),
+    (lambda m: m["store"].pop("channels"), "store.channels: Field required"),
+    (lambda m: m.update(unknown=1), "unknown: Extra inputs are not permitted"),
+], ids=["missing", "wrong-type", "nested-missing", "unknown"])
+def test_a_damaged_or_older_meta_json_is_refused_naming_the_field(
+        trained_best: Path, tmp_path: Path, change, field: str) -> None:
+    folder = tmp_path / "best"
+    shutil.copytree(trained_best, folder)
+    damage_meta(folder, change)
+    with pytest.raises(CheckpointError) as err:
+        checkpoint.load(folder)
+    line = err.value.one_line()
+    assert f"checkpoint {folder} has an invalid meta.json ({field}" in line
+    assert "older version" in line
+
+
+def test_predict_from_a_damaged_meta_json_exits_2_in_one_line(trained_best: Path,
+                                                              tmp_path: Path) -> None:
+    folder = tmp_path / "best"
+    shutil.copytree(trained_best, folder)
+    damage_meta(folder, lambda m: m.pop("store"))
+    result = run_cli("predict", str(folder), "--init", "2000-03-10T06:00", "--steps", "1",
+                     "--out", str(tmp_path / "fc.zarr"), timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"checkpoint {folder} has an invalid meta.json (store: Field required" in lines[0]
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    (lambda m: m.pop("records"), "records: Field required"),
+    (lambda m: m.update(store_version="one"), "store_version: Input should be a valid integer"),
+], ids=["missing", "wrong-type"])
+def test_a_damaged_registered_metrics_json_is_refused_in_one_line(
+        two_versions: dict, tmp_path: Path, change, field: str) -> None:
+    root = tmp_path / "registry"
+    shutil.copytree(two_versions["template"], root)
+    registry = ModelRegistry(root, "test")
+    path = registry.root / "v0001" / "eval" / "metrics.json"
+    metrics = json.loads(path.read_text())
+    change(metrics)
+    path.write_text(json.dumps(metrics))
+    with pytest.raises(PipelineError) as err:
+        registry.challenge(registry.get("v0002"), config_from_dict(two_versions["tree"]))
+    line = err.value.one_line()
+    assert f"{path} is not a valid evaluation ({field}" in line
+    assert "pipeline evaluate" in line
+    assert [d["challenger"] for d in registry.decisions()] == ["v0001"]  # nothing decided

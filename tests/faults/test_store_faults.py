@@ -28,6 +28,7 @@ from pipeline.data.store import StoreInfo
 from pipeline.errors import PipelineError, StoreError, TrainingError
 from pipeline.train import checkpoint
 from pipeline.train.loop import train_loop
+from pipeline.train.meta import CheckpointMeta
 from pipeline.train.runtime import local_runtime
 from tests.conftest import base_config, run_cli, train_config, write_config
 
@@ -304,17 +305,25 @@ def full_disk(disk: Path, room: int) -> Iterator[Path]:
         yield disk
 
 
+def meta_at(step: int) -> CheckpointMeta:
+    """A valid (if made-up) checkpoint meta at ``step``."""
+    return CheckpointMeta.model_validate({
+        "step": step, "epoch": 0, "config": {}, "config_hash": "x", "world_size": 1,
+        "channels_out": ["t"], "store": {"path": "s", "data_hash": None, "dataset_version": 1,
+                                         "channels": ["t"], "mean": [0.0], "std": [1.0]}})
+
+
 def test_a_checkpoint_onto_a_full_disk_is_a_user_error_and_leaves_no_partial_one(
         tmp_path: Path) -> None:
     with full_disk(tmp_path / "disk", room=64 * 1024) as disk:
         root = disk / "checkpoints"
-        first = checkpoint.save(root, 1, {"w": torch.zeros(4)}, {"step": 1})
+        first = checkpoint.save(root, 1, {"w": torch.zeros(4)}, meta_at(1))
         with pytest.raises(PipelineError, match="no space left on the device writing") as err:
-            checkpoint.save(root, 2, {"w": torch.zeros(1 << 18)}, {"step": 2})  # 1 MiB
+            checkpoint.save(root, 2, {"w": torch.zeros(1 << 18)}, meta_at(2))  # 1 MiB
         assert "state.pt" in str(err.value) and "resumes" in str(err.value)
         assert sorted(p.name for p in root.iterdir()) == [first.name]  # no temporary left
         found = checkpoint.latest_valid(checkpoint.list_steps(root))
-        assert found is not None and found[0] == first.resolve() and found[2] == {"step": 1}
+        assert found is not None and found[0] == first.resolve() and found[2] == meta_at(1)
 
 
 def test_a_full_disk_under_a_ray_workers_checkpoint_is_one_line(
