@@ -53,6 +53,12 @@ class CheckpointError(PipelineError, ValueError):
     """A checkpoint cannot be used (missing, corrupt, or from another store)."""
 
 
+class CheckpointFormatError(CheckpointError):
+    """A checkpoint's ``meta.json`` reads but is not the contract (an older version, or
+    edited): unlike a corrupt one, never skipped for an older checkpoint on resume, where
+    every checkpoint of the run would be skipped and training would start again."""
+
+
 class RegistryError(PipelineError, ValueError):
     """The model registry is unusable (a file where its folder goes, a broken entry), or
     a model cannot be registered or compared (no evaluation, other evaluation data)."""

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 import torch
 
-from pipeline.errors import CheckpointError, disk_full
+from pipeline.errors import CheckpointError, CheckpointFormatError, disk_full
 from pipeline.files import atomic_write
 from pipeline.train.meta import META_FILE, CheckpointMeta, parse_meta
 from pipeline.train.rundir import RunFiles
@@ -156,7 +156,9 @@ def list_steps(root: Path) -> list[Path]:
 
 
 def latest_valid(candidates: list[Path]) -> tuple[Path, dict[str, Any], CheckpointMeta] | None:
-    """The first candidate that loads; corrupt ones are skipped with a warning."""
+    """The first candidate that loads; corrupt ones (a write cut short) are skipped with
+    a warning. One whose meta.json is not the contract stops the resume
+    (:class:`CheckpointFormatError`): an older version's checkpoints are all alike."""
     seen: set[Path] = set()
     for folder in candidates:
         folder = folder.resolve()
@@ -165,6 +167,8 @@ def latest_valid(candidates: list[Path]) -> tuple[Path, dict[str, Any], Checkpoi
         seen.add(folder)
         try:
             state, meta = load(folder)
+        except CheckpointFormatError:
+            raise
         except CheckpointError as err:
             log.warning("skipping checkpoint: %s", err.one_line())
             continue

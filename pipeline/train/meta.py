@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from pipeline.errors import CheckpointError
+from pipeline.errors import CheckpointError, CheckpointFormatError
 
 META_FILE = "meta.json"
 
@@ -77,7 +77,7 @@ def parse_meta(data: Any, folder: Path) -> CheckpointMeta:
     try:
         return CheckpointMeta.model_validate(data)
     except ValidationError as err:
-        raise CheckpointError(f"checkpoint {folder} has an invalid {META_FILE} "
+        raise CheckpointFormatError(f"checkpoint {folder} has an invalid {META_FILE} "
                               f"({first_problem(err)})",
                               "it is damaged or from an older version: retrain the run "
                               "or delete the checkpoint") from None

@@ -343,6 +343,25 @@ def test_a_damaged_or_older_meta_json_is_refused_naming_the_field(
     assert "older version" in line
 
 
+def test_a_resume_over_checkpoints_of_another_format_stops_instead_of_starting_over(
+        tiny_store: Path, tmp_path: Path) -> None:
+    """A corrupt checkpoint (a write cut short) is skipped for an older one; one whose
+    meta.json reads but is not the contract (an older version) stops the resume: all of
+    the run's checkpoints are alike, and skipping them all would train from step 0."""
+    cfg = config_from_dict(train_config(tiny_store, tmp_path / "runs", max_steps=4,
+                                        val_every=2, checkpoint_every=2))
+    train_loop(cfg, local_runtime(cfg))
+    saved = checkpoint.list_steps(cfg.run_dir() / "checkpoints")
+    assert [p.name for p in saved] == ["step-00000004", "step-00000002"]
+    for folder in saved:
+        damage_meta(folder, lambda m: m.pop("config_hash"))
+    longer = config_from_dict(train_config(tiny_store, tmp_path / "runs", max_steps=6,
+                                           val_every=2, checkpoint_every=2))
+    with pytest.raises(CheckpointError, match="invalid meta.json .config_hash: Field required"):
+        train_loop(longer, local_runtime(longer))
+    assert checkpoint.list_steps(cfg.run_dir() / "checkpoints") == saved  # none trained
+
+
 def test_predict_from_a_damaged_meta_json_exits_2_in_one_line(trained_best: Path,
                                                               tmp_path: Path) -> None:
     folder = tmp_path / "best"
