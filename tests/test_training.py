@@ -533,7 +533,12 @@ def test_a_gpu_plan_without_cuda_is_an_error_not_a_cpu_run(tiny_store: Path,
                                                            tmp_path: Path) -> None:
     """train.use_gpu on a machine whose torch finds no CUDA device (a CPU wheel on a GPU
     node, say) was trained on the CPU without a word, a hundred times slower."""
-    cfg = config_from_dict(train_config(tiny_store, tmp_path / "runs", use_gpu=True))
+    raw = train_config(tiny_store, tmp_path / "runs", use_gpu=True)
     with pytest.raises(ConfigError, match="finds no CUDA device.*train.use_gpu: false"):
-        local_runtime(cfg)
+        local_runtime(config_from_dict(raw))
     assert not (tmp_path / "runs").exists()
+    result = run_cli("train", str(write_config(tmp_path / "cfg.yaml", raw)), timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]  # before Ray waits for a GPU
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "finds no CUDA device" in lines[0], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr

@@ -118,14 +118,20 @@ def local_runtime(cfg: Config, plan: ExecutionPlan | None = None) -> Runtime:
         checkpoint.prune(root, cfg.train.keep_checkpoints)
         return folder
 
-    if plan.use_gpu and not torch.cuda.is_available():
-        raise ConfigError(f"the plan trains on a GPU, but torch {torch.__version__} finds no "
-                          "CUDA device", "install torch's CUDA build, check "
-                          "CUDA_VISIBLE_DEVICES, or set train.use_gpu: false")
+    check_device(plan)
     device = torch.device("cuda" if plan.use_gpu else "cpu")
     return Runtime(run_dir=run_dir, plan=plan, device=device, save=save,
                    resume_candidates=lambda: checkpoint.list_steps(root),
                    stop_requested=lambda: stop["flag"], owns_run=True)
+
+
+def check_device(plan: ExecutionPlan) -> None:
+    """A plan that trains on GPUs needs torch to find one here: without, the loop ran on
+    the CPU without a word and Ray waited for GPUs that never come."""
+    if plan.use_gpu and not torch.cuda.is_available():
+        raise ConfigError(f"the plan trains on a GPU, but torch {torch.__version__} finds no "
+                          "CUDA device", "install torch's CUDA build, check "
+                          "CUDA_VISIBLE_DEVICES, or set train.use_gpu: false")
 
 
 def rank_share(n: int, rank: int, world_size: int) -> tuple[int, int]:

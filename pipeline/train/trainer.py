@@ -57,9 +57,12 @@ def preflight(cfg: Config, plan: ExecutionPlan) -> None:
     from pipeline.data.dataset import BlockShuffleSampler, ForecastDataset
     from pipeline.data.store import StoreInfo
     from pipeline.train import checkpoint
+    from pipeline.train.runtime import check_device
     from pipeline.train.sinks import check_mlflow
     from pipeline.train.stepper import build_stepper
 
+    if plan.ray_start != "connect":  # workers on this machine (a Slurm job: node 0 too)
+        check_device(plan)
     t = cfg.train
     info = StoreInfo(cfg.data.store)
     train_set = ForecastDataset(info, "train", t.history, t.lead, t.rollout)
