@@ -50,9 +50,10 @@ from zarr.buffer import default_buffer_prototype
 
 from bench.common import ensure_store, machine, write_result
 from pipeline.config import load_config
-from pipeline.data.dataset import RUN_LENGTH, BlockShuffleSampler, ForecastDataset, consecutive_runs
+from pipeline.data.dataset import RUN_LENGTH, ForecastDataset, consecutive_runs
 from pipeline.data.loading.batches import BatchLoader, Readers
 from pipeline.data.loading.resident import ResidentLoader, ResidentSplit
+from pipeline.data.sampler import BlockShuffleSampler
 from pipeline.data.shards import ShardFiles
 from pipeline.data.store import StoreInfo
 

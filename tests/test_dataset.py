@@ -12,12 +12,8 @@ import xarray as xr
 import zarr
 from torch.utils.data import DataLoader
 
-from pipeline.data.dataset import (
-    BlockShuffleSampler,
-    ForecastDataset,
-    consecutive_runs,
-    sample_times,
-)
+from pipeline.data.dataset import ForecastDataset, consecutive_runs, sample_times
+from pipeline.data.sampler import BlockShuffleSampler
 from pipeline.data.store import StoreInfo
 from pipeline.errors import ConfigError, StoreError
 

@@ -15,12 +15,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline.config import config_from_dict
-from pipeline.data.dataset import (
-    BlockShuffleSampler,
-    ForecastDataset,
-)
+from pipeline.data.dataset import ForecastDataset
 from pipeline.data.loading.batches import THREAD_PREFIX, BatchLoader
 from pipeline.data.loading.resident import ResidentLoader, ResidentSplit, fits_on, resident_bytes
+from pipeline.data.sampler import BlockShuffleSampler
 from pipeline.data.store import StoreInfo
 from pipeline.errors import ConfigError, PipelineError, StoreError
 from pipeline.train import checkpoint

@@ -22,9 +22,10 @@ from torch.utils.data import DataLoader
 from pipeline.cli import main
 from pipeline.config import Config, config_from_dict, dump_config, load_config
 from pipeline.data.build import preprocess
-from pipeline.data.dataset import BlockShuffleSampler, ForecastDataset
+from pipeline.data.dataset import ForecastDataset
 from pipeline.data.loading.batches import BatchLoader
 from pipeline.data.loading.resident import ResidentLoader, ResidentSplit
+from pipeline.data.sampler import BlockShuffleSampler
 from pipeline.data.store import StoreInfo
 from pipeline.evaluate import climatology, rollout
 from pipeline.evaluate.evaluate import evaluate, pick_inits

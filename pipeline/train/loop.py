@@ -27,9 +27,10 @@ import numpy as np
 import torch
 
 from pipeline.config import Config, config_hash, resolved_dict
-from pipeline.data.dataset import BlockShuffleSampler, ForecastDataset
+from pipeline.data.dataset import ForecastDataset
 from pipeline.data.loading import BatchSource, open_loaders
 from pipeline.data.loading.resident import ResidentSplit
+from pipeline.data.sampler import BlockShuffleSampler
 from pipeline.data.store import StoreInfo
 from pipeline.errors import CheckpointError, PipelineError, RanksStopped, TrainingError
 from pipeline.plan import local_plan

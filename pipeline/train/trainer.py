@@ -54,7 +54,8 @@ class TrainResult:
 
 def preflight(cfg: Config, plan: ExecutionPlan) -> None:
     """Fail fast in the driver on what would fail in every worker (exit code 2)."""
-    from pipeline.data.dataset import BlockShuffleSampler, ForecastDataset
+    from pipeline.data.dataset import ForecastDataset
+    from pipeline.data.sampler import BlockShuffleSampler
     from pipeline.data.store import StoreInfo
     from pipeline.train import checkpoint
     from pipeline.train.runtime import check_device

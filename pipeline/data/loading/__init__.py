@@ -28,9 +28,10 @@ from typing import Protocol
 
 import torch
 
-from pipeline.data.dataset import BlockShuffleSampler, ForecastDataset
+from pipeline.data.dataset import ForecastDataset
 from pipeline.data.loading.batches import BatchLoader
 from pipeline.data.loading.resident import ResidentLoader, ResidentSplit, fits_on, resident_bytes
+from pipeline.data.sampler import BlockShuffleSampler
 from pipeline.plan import ExecutionPlan
 
 log = logging.getLogger(__name__)
