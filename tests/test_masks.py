@@ -30,6 +30,7 @@ from pipeline.data.store import StoreInfo
 from pipeline.evaluate import climatology, rollout
 from pipeline.evaluate.evaluate import evaluate, pick_inits
 from pipeline.train.loop import Batch, Trainer, train_loop
+from pipeline.train.models import area_weighted_mse
 from pipeline.train.runtime import local_runtime
 from pipeline.train.stepper import target_validity
 from tests.conftest import base_config, train_config, write_config
@@ -216,6 +217,36 @@ def test_loss_gives_no_weight_to_missing_targets(masked_run: MaskedRun) -> None:
     expected = (err * w * valid).sum() / (w * valid).sum()
     assert float(loss) == pytest.approx(expected, rel=1e-5)
     assert float(loss) != pytest.approx((err * w).mean(), rel=1e-3)  # not the plain mean
+
+
+def test_validation_scores_model_and_persistence_where_both_have_data(
+        masked_run: MaskedRun) -> None:
+    """Validation leaves out the points missing at the target or at the last input:
+    there persistence's forecast is the fill value, which scored against a present
+    target made persistence look worse than it is (the moving mask)."""
+    trainer = Trainer(masked_run.cfg, local_runtime(masked_run.cfg))  # the trained weights
+    val, info = trainer.val_set, trainer.info
+    data, channels = store_arrays(masked_run.store)
+    outputs = info.layout.output_names
+    got = trainer.validate()
+    model = trainer.stepper.eval()
+    loss, persistence, target_only = [], [], []
+    with torch.no_grad():
+        for i in range(len(val)):
+            s, t = val[i], int(val.times[i])
+            both = torch.from_numpy(valid_of(data[[t + 1]], channels, outputs)
+                                    & valid_of(data[[t]], channels, outputs))
+            target, last = s["targets"][None, 0], s["inputs"][None, -1, model.outputs]
+            pred = model.step(s["inputs"][None], s["target_forcings"][None, 0])
+            w = (trainer.lat_w, trainer.channel_w)
+            loss.append(float(area_weighted_mse(pred, target, *w, both)))
+            persistence.append(float(area_weighted_mse(last, target, *w, both)))
+            target_only.append(float(area_weighted_mse(
+                last, target, *w, torch.from_numpy(valid_of(data[[t + 1]], channels, outputs)))))
+    # batch means against one-sample means: float32 sums in another order
+    assert got["val_loss"] == pytest.approx(np.mean(loss), rel=1e-4)
+    assert got["val_loss_persistence"] == pytest.approx(np.mean(persistence), rel=1e-4)
+    assert np.mean(target_only) > 1.01 * np.mean(persistence)  # the fill value scored
 
 
 def masked_rmse(forecast: np.ndarray, truth: np.ndarray, valid: np.ndarray,

@@ -164,6 +164,16 @@ class Trainer:
             return None
         return target_validity(batch.target_masks, self.missing_above, self.mask_incidence)
 
+    def scored(self, batch: Batch) -> torch.Tensor | None:
+        """Where validation scores a batch's first target: it holds data, and so does the
+        last input, which persistence forecasts (as evaluation scores:
+        ``evaluate.scored_points``); shaped like ``targets[:, 0]``. None without masks."""
+        valid = self.valid(batch)
+        if valid is None:
+            return None
+        last = batch.inputs[:, -1, list(self.info.layout.masks)]
+        return valid[:, 0] & target_validity(last, self.missing_above, self.mask_incidence)
+
     def loss(self, batch: Batch) -> torch.Tensor:
         with torch.autocast(self.rt.device.type, dtype=torch.bfloat16,
                             enabled=use_bf16(self.plan)):
@@ -191,8 +201,10 @@ class Trainer:
         """Loss, persistence loss and per-channel RMSE (physical units) on the val split,
         each rank taking a contiguous share of the samples in batches of
         ``train.val_batch_size`` (each run of consecutive samples read once, or gathered
-        from the split in memory). Missing targets are left out; a channel's RMSE is
-        over the samples that have a point of it to score (NaN if none has)."""
+        from the split in memory). Points missing in the target or in the last input
+        (persistence's forecast) are left out of all three, so that the model and
+        persistence are scored on the same points; a channel's RMSE is over the samples
+        that have a point of it to score (NaN if none has)."""
         self.stepper.eval()
         out = self.info.layout.outputs
         _, std = self.info.normalisation()
@@ -215,8 +227,7 @@ class Trainer:
                                 enabled=use_bf16(self.plan)):
                 pred = self.stepper.step(b.inputs, b.target_forcings[:, 0]).float()
             target, last = b.targets[:, 0], b.inputs[:, -1, self.stepper.outputs]
-            valid = self.valid(b)
-            valid = None if valid is None else valid[:, 0]
+            valid = self.scored(b)
             n = len(indices)  # the losses are means over the batch's samples
             sums[0] += n * float(area_weighted_mse(pred, target, self.lat_w, self.channel_w, valid))
             sums[1] += n * float(area_weighted_mse(last, target, self.lat_w, self.channel_w, valid))
