@@ -137,6 +137,30 @@ def test_filter_on_a_netcdf_source_is_refused(tmp_path: Path) -> None:
         open_file(str(path), Source(path=str(path), filter_by_keys={"shortName": "t"}))
 
 
+def test_one_file_read_as_two_sources_with_two_filters(tmp_path: Path,
+                                                       dask_scheduler: str) -> None:
+    """What the error below suggests for a file with several types of level: the same
+    path as two sources, one filter each. Each variable is read from its own source (the
+    variables wanted were keyed by path, so each source was asked for both's)."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    path = write_grib(raw / "mixed.grib", [
+        field for t in TIMES for field in (Field("t", t, 850), Field("t", t, 500),
+                                           Field("2t", t), Field("msl", t))])
+    upper = {"path": str(path), "rename": {"isobaricInhPa": "level"},
+             "filter_by_keys": {"typeOfLevel": "isobaricInhPa"}}
+    surface = {"path": str(path), "filter_by_keys": {"typeOfLevel": "surface"}}
+    variables = ["t2m", "msl", {"name": "t", "levels": list(LEVELS)}]
+    config = write_config(tmp_path / "c.yaml", grib_config(tmp_path, [upper, surface], variables))
+    result = run_cli("preprocess", str(config), "--scheduler", dask_scheduler, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    store = xr.open_zarr(tmp_path / "store.zarr")
+    assert list(store.indexes["time"]) == list(TIMES)
+    for channel, name, level in (("t850", "t", 850), ("t500", "t", 500), ("t2m", "2t", 0),
+                                 ("msl", "msl", 0)):
+        assert_channel(store, channel, name, level)
+
+
 def test_several_types_of_level_suggest_filters(tmp_path: Path) -> None:
     path = write_grib(tmp_path / "t.grib", [Field("t", START, 850), Field("t", START)])
     with pytest.raises(SourceError, match="several values of typeOfLevel.*filter_by_keys: "

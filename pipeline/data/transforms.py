@@ -33,7 +33,9 @@ class ChannelPlan:
     masks: tuple[str, ...]
     forcings: tuple[str, ...]
     static: tuple[str, ...]
-    variable_source: tuple[tuple[str, str], ...]  # (variable, source path)
+    # (variable, position of its source in the scans): by position, not by path, as
+    # one file read twice with two GRIB filters is two sources of one path
+    variable_source: tuple[tuple[str, int], ...]
 
     @property
     def names(self) -> list[str]:
@@ -44,10 +46,11 @@ class ChannelPlan:
         return ([ROLES[0]] * len(self.prognostic) + [ROLES[1]] * len(self.derived)
                 + [ROLES[2]] * len(self.masks) + [ROLES[3]] * len(self.forcings))
 
-    def wanted_by_source(self) -> dict[str, set[str]]:
-        wanted: dict[str, set[str]] = {}
-        for var, path in self.variable_source:
-            wanted.setdefault(path, set()).add(var)
+    def wanted_by_source(self) -> dict[int, set[str]]:
+        """The variables read from each source, by its position in the scans."""
+        wanted: dict[int, set[str]] = {}
+        for var, source in self.variable_source:
+            wanted.setdefault(source, set()).add(var)
         return wanted
 
 
@@ -58,7 +61,8 @@ def mask_name(channel: str) -> str:
 def plan_channels(cfg: Data, scans: list[SourceScan]) -> ChannelPlan:
     """Check that every configured variable, level and static field exists; order channels."""
     dynamic = [s for s in scans if not s.source.static]
-    var_source: list[tuple[str, str]] = []
+    var_source: list[tuple[str, int]] = []
+    position = {id(scan): i for i, scan in enumerate(scans)}
     invariant = sorted({v for s in scans for v in s.time_invariant()})
     for var in cfg.variable_specs():
         scan = next((s for s in dynamic if var.name in s.variables
@@ -82,7 +86,7 @@ def plan_channels(cfg: Data, scans: list[SourceScan]) -> ChannelPlan:
         elif LEVEL in dims:
             raise SourceError(f"variable '{var.name}' has levels; choose some",
                               f"write {{name: {var.name}, levels: [...]}} in data.variables")
-        var_source.append((var.name, scan.source.path))
+        var_source.append((var.name, position[id(scan)]))
     for name in cfg.static:
         if name not in invariant:
             hint = (f"'{name}' has a time dimension: list it under data.variables"

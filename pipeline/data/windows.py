@@ -30,15 +30,16 @@ def _open_for_reading(path: str, size: int, mtime: float, source_json: str,
     return open_file(path, Source.model_validate_json(source_json), level_dim)
 
 
-def load_window(scans: list[SourceScan], times: pd.Index, names: dict[str, set[str]]) -> xr.Dataset:
+def load_window(scans: list[SourceScan], times: pd.Index, names: dict[int, set[str]]) -> xr.Dataset:
     """Load the given time steps of the named variables from the dynamic sources.
 
-    ``names`` maps a source path to the variables wanted from it. Only the files that
-    hold the requested times are opened, and only those steps are read.
+    ``names`` maps a source's position in ``scans`` to the variables wanted from it.
+    Only the files that hold the requested times are opened, and only those steps are
+    read.
     """
     parts: list[xr.Dataset] = []
-    for scan in scans:
-        wanted = names.get(scan.source.path)
+    for position, scan in enumerate(scans):
+        wanted = names.get(position)
         if scan.source.static or not wanted:
             continue
         pieces = []
